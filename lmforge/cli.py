@@ -1,0 +1,144 @@
+"""The `lmforge` command: a one-screen shell over the Python API [mk run_yaml, lg CLI].
+
+Each verb parses its flags and calls one library function. A `UserError` becomes one line on stderr and
+exit status 2, never a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lmforge.errors import UserError
+
+app = typer.Typer(
+    help="Make a language model better for a job: fine-tune, distill, merge, and compare honestly.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect data files and export built-in tasks.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Argument(help="'default', a model folder, a .gguf file or a hub id")],
+    task: Annotated[list[str], typer.Option("--task", "-t", help="built-in task name or .jsonl file; repeat")],
+    limit: Annotated[int | None, typer.Option(help="score only the first N records per task")] = None,
+    num_fewshot: Annotated[int, typer.Option("--num-fewshot", "-k", help="k-shot examples per prompt")] = 0,
+    batch_size: Annotated[int, typer.Option(help="requests per forward pass")] = 8,
+    out: Annotated[Path | None, typer.Option(help="output folder (default runs/eval/<model>-<time>)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    footprint: Annotated[bool, typer.Option(help="measure size, speed and memory")] = True,
+) -> None:
+    """Score a model on tasks; write results.json, samples and run.json; print the table."""
+    from lmforge.eval.run import run_eval
+    from lmforge.report.tables import print_results
+
+    folder, results = run_eval(
+        model,
+        task,
+        out_dir=out,
+        overwrite=overwrite,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        footprint=footprint,
+        dtype=dtype,
+    )
+    print_results(results, console)
+    console.print(f"results in {folder}")
+
+
+@app.command("tasks")
+def tasks_command() -> None:
+    """List the built-in tasks."""
+    from rich.table import Table
+
+    from lmforge.eval.tasks import TASKS
+
+    table = Table(title="built-in tasks")
+    for column in ("task", "kind", "records", "what it measures"):
+        table.add_column(column)
+    for name, item in TASKS.items():
+        table.add_row(name, item.kind, str(len(item.docs())), item.description)
+    console.print(table)
+
+
+@data_app.command("export")
+def data_export(
+    task: Annotated[str, typer.Argument(help="built-in task name (see `lmforge tasks`)")],
+    split: Annotated[str, typer.Option(help="train | test")] = "train",
+    out: Annotated[Path | None, typer.Option(help="jsonl file to write (default TASK-SPLIT.jsonl)")] = None,
+) -> None:
+    """Write a built-in task's split as jsonl (prompt/answer records)."""
+    from lmforge.data.synthetic import export_jsonl
+
+    path = out or Path(f"{task}-{split}.jsonl")
+    count = export_jsonl(task, split, path)
+    console.print(f"wrote {count} records to {path}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[Path, typer.Argument(help="data file or folder")],
+    format: Annotated[str | None, typer.Option("--format", help="force a format instead of detecting it")] = None,
+    columns: Annotated[str | None, typer.Option(help="key mapping, e.g. prompt=question,completion=answer")] = None,
+    model: Annotated[str | None, typer.Option(help="render with this model's tokenizer and show the loss mask")] = None,
+) -> None:
+    """Detect a data file's format, count its records and show how the first one is trained."""
+    from lmforge.data.sources import load_records
+
+    records = load_records(path, fmt=format, columns=parse_columns(columns))
+    console.print(f"{path}: {len(records)} records, format {records[0]['format']}")
+    console.print(records[0])
+    if model:
+        from lmforge.data.chat import IGNORE_INDEX, render_example
+        from lmforge.models.load import load_model
+
+        tokenizer = load_model(model).tokenizer
+        example = render_example(tokenizer, records[0])
+        pieces = [
+            f"[green]{tokenizer.decode([t])}[/green]"
+            if label != IGNORE_INDEX
+            else f"[dim]{tokenizer.decode([t])}[/dim]"
+            for t, label in zip(example.input_ids, example.labels, strict=True)
+        ]
+        console.print("rendered ([green]trained[/green], [dim]masked[/dim]):")
+        console.print("".join(pieces), markup=True, highlight=False)
+
+
+def parse_columns(text: str | None) -> dict[str, str] | None:
+    """'prompt=question,completion=answer' -> {'prompt': 'question', 'completion': 'answer'}."""
+    if not text:
+        return None
+    mapping = {}
+    for pair in text.split(","):
+        canonical, sep, theirs = pair.partition("=")
+        if not sep or not canonical.strip() or not theirs.strip():
+            raise UserError(f"bad --columns entry '{pair}': write CANONICAL=YOURKEY, e.g. prompt=question")
+        mapping[canonical.strip()] = theirs.strip()
+    return mapping
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line."""
+    try:
+        app()
+    except UserError as err:
+        print(f"lmforge: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""`lmforge eval`: score one model on tasks, measure its footprint, write results.json and run.json.
+
+Reads top to bottom: load the model, for each task build requests from its records (k-shot prompts from
+the task's own train split, seeded), run one of the three scoring calls, reduce to metrics with a
+standard error, then measure the footprint. `results.json` follows lm-eval's layout (results per task as
+"metric,filter" keys with "_stderr", configs, versions, n-shot, n-samples, config) so tools that read
+lm-eval output read ours; per-sample answers go to samples_<task>.jsonl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import statistics
+import time
+from pathlib import Path
+
+from lmforge.data.chat import chat_prompt
+from lmforge.errors import UserError
+from lmforge.eval import scoring
+from lmforge.eval.speed import measure_footprint
+from lmforge.eval.tasks import Task, get_task
+from lmforge.models.load import LoadedModel, file_sha256, load_model, resolve_model
+from lmforge.outputs import staged_output
+from lmforge.report.record import RunMeter, run_record, versions, write_json
+
+FEWSHOT_SEED = 1234  # lm-eval's default, so k-shot draws are fixed across runs and models
+
+
+def evaluate(
+    model: str | LoadedModel,
+    tasks: list[str],
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 8,
+    footprint: bool = True,
+    dtype: str = "float32",
+) -> dict:
+    """Score a model on tasks; returns an lm-eval-shaped results dict (plus "samples" and "footprint").
+
+    Args:
+        model: a model reference (see models.load) or an already loaded model.
+        tasks: built-in task names or paths to .jsonl task files.
+        limit: score only the first `limit` records of each task.
+        num_fewshot: k example turns before each generate/multiple-choice prompt.
+        batch_size: requests per forward pass.
+        footprint: also measure parameters, size, speed and memory.
+    """
+    if not tasks:
+        raise UserError("no task given: pass --task NAME (see `lmforge tasks`)")
+    if num_fewshot < 0 or batch_size < 1 or (limit is not None and limit < 1):
+        raise UserError("--num-fewshot must be >= 0, --batch-size and --limit >= 1")
+    resolved = [get_task(name) for name in tasks]  # unknown tasks fail before the model loads
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
+    results: dict = {"results": {}, "configs": {}, "versions": {}, "n-shot": {}, "n-samples": {}, "samples": {}}
+    for task in resolved:
+        docs = task.docs()
+        scored_docs = docs[:limit] if limit else docs
+        start = time.perf_counter()
+        metrics, samples = score_task(loaded, task, scored_docs, num_fewshot, batch_size)
+        results["results"][task.name] = {"alias": task.name, **metrics}
+        results["configs"][task.name] = {
+            "task": task.name,
+            "output_type": _OUTPUT_TYPES[task.kind],
+            "description": task.description,
+            "num_fewshot": num_fewshot,
+            "stop": list(task.stop),
+            "max_new_tokens": task.max_new_tokens,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        results["versions"][task.name] = task.version
+        results["n-shot"][task.name] = num_fewshot if task.kind != "perplexity" else 0
+        results["n-samples"][task.name] = {"original": len(docs), "effective": len(scored_docs)}
+        results["samples"][task.name] = samples
+    results["config"] = {
+        "model": loaded.ref,
+        "model_folder": str(loaded.folder),
+        "batch_size": batch_size,
+        "limit": limit,
+        "dtype": dtype,
+        "device": str(next(loaded.model.parameters()).device),
+        "fewshot_seed": FEWSHOT_SEED,
+    }
+    results["lmforge_versions"] = versions()
+    results["footprint"] = measure_footprint(loaded) if footprint else None
+    return results
+
+
+_OUTPUT_TYPES = {
+    "generate": "generate_until",
+    "multiple_choice": "multiple_choice",
+    "perplexity": "loglikelihood_rolling",
+}
+
+
+def score_task(loaded: LoadedModel, task: Task, docs: list[dict], num_fewshot: int, batch_size: int):
+    """Metrics {"metric,none": v, "metric_stderr,none": s} and per-sample records for one task."""
+    if task.kind == "perplexity":
+        return _score_perplexity(loaded, docs, batch_size)
+    shots = _fewshot_source(task, num_fewshot)
+    rng = random.Random(FEWSHOT_SEED)
+    if task.kind == "generate":
+        prompts = [chat_prompt(loaded.tokenizer, doc["prompt"], _draw(rng, shots, num_fewshot)) for doc in docs]
+        answers = scoring.generate_until(
+            loaded.model, loaded.tokenizer, prompts, task.stop, task.max_new_tokens, batch_size
+        )
+        hits = [float(answer.strip() == doc["answer"].strip()) for answer, doc in zip(answers, docs, strict=True)]
+        samples = [
+            {"prompt": doc["prompt"], "target": doc["answer"], "output": out, "exact_match": hit}
+            for doc, out, hit in zip(docs, answers, hits, strict=True)
+        ]
+        return _mean_metric("exact_match", hits), samples
+    return _score_multiple_choice(loaded, docs, shots, num_fewshot, rng, batch_size)
+
+
+def _fewshot_source(task: Task, num_fewshot: int) -> list[dict]:
+    if num_fewshot == 0:
+        return []
+    if task.shots is None:
+        raise UserError(f"task '{task.name}' has no train split for k-shot examples: use --num-fewshot 0")
+    return task.shots()
+
+
+def _draw(rng: random.Random, shots: list[dict], k: int) -> list[tuple[str, str]]:
+    chosen = rng.sample(shots, k) if k else []
+    return [(shot["prompt"], shot.get("answer") or shot["choices"][shot["answer"]]) for shot in chosen]
+
+
+def _score_multiple_choice(loaded, docs, shots, num_fewshot, rng, batch_size):
+    """lm-eval's acc (highest log-likelihood) and acc_norm (log-likelihood per byte of the choice)."""
+    requests, owners = [], []
+    for index, doc in enumerate(docs):
+        prefix = "".join(f"{p}\n{a}\n\n" for p, a in _draw(rng, shots, num_fewshot))
+        for choice in doc["choices"]:
+            requests.append((f"{prefix}{doc['prompt']}\n", choice))
+            owners.append(index)
+    scores = scoring.loglikelihood(loaded.model, loaded.tokenizer, requests, batch_size)
+    acc, acc_norm, samples = [], [], []
+    for index, doc in enumerate(docs):
+        lls = [score for owner, (score, _) in zip(owners, scores, strict=True) if owner == index]
+        normed = [ll / max(len(choice.encode()), 1) for ll, choice in zip(lls, doc["choices"], strict=True)]
+        pick, pick_norm = lls.index(max(lls)), normed.index(max(normed))
+        acc.append(float(pick == doc["answer"]))
+        acc_norm.append(float(pick_norm == doc["answer"]))
+        samples.append({"prompt": doc["prompt"], "target": doc["answer"], "loglikelihoods": lls, "pick": pick})
+    return _mean_metric("acc", acc) | _mean_metric("acc_norm", acc_norm), samples
+
+
+def _score_perplexity(loaded, docs, batch_size):
+    """Token perplexity (model-specific) plus byte perplexity and bits per byte (tokenizer-free)."""
+    texts = [doc["text"] for doc in docs]
+    totals = scoring.loglikelihood_rolling(loaded.model, loaded.tokenizer, texts, batch_size)
+    log_likelihood = sum(total for total, _ in totals)
+    tokens = sum(count for _, count in totals)
+    n_bytes = sum(len(text.encode()) for text in texts)
+    samples = [{"chars": len(t), "loglikelihood": ll, "tokens": n} for t, (ll, n) in zip(texts, totals, strict=True)]
+    return {
+        "perplexity,none": math.exp(-log_likelihood / tokens),
+        "perplexity_stderr,none": None,
+        "byte_perplexity,none": math.exp(-log_likelihood / n_bytes),
+        "bits_per_byte,none": -log_likelihood / n_bytes / math.log(2),
+        "tokens,none": tokens,
+    }, samples
+
+
+def _mean_metric(name: str, values: list[float]) -> dict:
+    stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return {f"{name},none": statistics.fmean(values), f"{name}_stderr,none": stderr}
+
+
+def metrics_of(results: dict) -> dict:
+    """The run record's {task: {metric: {"value", "stderr"}}} view of an lm-eval-shaped results dict."""
+    out: dict = {}
+    for task, row in results["results"].items():
+        for key, value in row.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            metric = key.split(",")[0]
+            stderr = row.get(f"{metric}_stderr,none")
+            out.setdefault(task, {})[metric] = {"value": value, "stderr": stderr}
+    return out
+
+
+def default_output(model_ref: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(model_ref)).name or str(model_ref)).strip("_") or "model"
+    return Path("runs") / "eval" / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_eval(
+    model_ref: str,
+    tasks: list[str],
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+    **options,
+) -> tuple[Path, dict]:
+    """Evaluate and write results.json, samples_<task>.jsonl and run.json into a new output folder."""
+    meter = RunMeter()
+    out = Path(out_dir) if out_dir else default_output(model_ref)
+    if out.exists() and not overwrite:
+        raise UserError(f"output folder {out} exists: pass --overwrite or choose another folder")
+    results = evaluate(model_ref, tasks, **options)
+    samples = results.pop("samples")
+    footprint = results.get("footprint") or {}
+    with staged_output(out, overwrite=overwrite) as staging:
+        write_json(staging / "results.json", results)
+        for task, rows in samples.items():
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(task).stem)
+            with open(staging / f"samples_{name}.jsonl", "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+        record = run_record(
+            "eval",
+            "evaluate",
+            meter,
+            inputs={
+                "model": {
+                    "ref": model_ref,
+                    "folder": results["config"]["model_folder"],
+                    "fingerprint": _fingerprint(model_ref),
+                }
+            },
+            data={task: results["versions"][task] for task in results["results"]},
+            config={"tasks": tasks, **options},
+            params_total=footprint.get("params_total"),
+            size_bytes=footprint.get("size_bytes"),
+            metrics=metrics_of(results) | ({"footprint": footprint} if footprint else {}),
+        )
+        write_json(staging / "run.json", record)
+    return out, results
+
+
+def _fingerprint(model_ref: str) -> str:
+    """Content hash of the weights: the GGUF file's hash for converted folders, else the safetensors files'."""
+    folder = resolve_model(model_ref)
+    source = folder / "lmforge_source.json"
+    if source.is_file():
+        return "gguf-sha256:" + json.loads(source.read_text())["sha256_16"]
+    hashes = [file_sha256(p) for p in sorted(folder.glob("*.safetensors"))]
+    return "safetensors-sha256:" + hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]

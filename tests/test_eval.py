@@ -1,0 +1,165 @@
+"""The evaluation harness end to end on a tiny model: metrics, k-shot, user tasks, output files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.errors import UserError
+from lmforge.eval import scoring
+from lmforge.eval.run import evaluate, metrics_of, run_eval
+from lmforge.eval.tasks import TASKS, get_task
+from lmforge.models.load import load_model
+from lmforge.report.record import RECORD_KEYS
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    return load_model(tiny_llama)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_builtin_tasks_cover_three_skills_and_the_probe():
+    generate = [name for name, task in TASKS.items() if task.kind == "generate"]
+    assert len(generate) >= 3
+    assert TASKS["probe"].kind == "perplexity"
+    assert len(TASKS["probe"].docs()) >= 10
+
+
+def test_generate_task_results_layout(tiny):
+    results = evaluate(tiny, ["dates"], limit=4, footprint=False)
+    row = results["results"]["dates"]
+    assert row["exact_match,none"] == 0.0  # a random model cannot rewrite dates
+    assert "exact_match_stderr,none" in row
+    assert results["n-samples"]["dates"] == {"original": 200, "effective": 4}
+    assert results["configs"]["dates"]["output_type"] == "generate_until"
+    assert len(results["samples"]["dates"]) == 4
+
+
+def test_exact_match_counts_hits(tiny, tmp_path):
+    """Targets set to what the model really generates score 1; others 0."""
+    prompts = ["say a", "say b", "say c"]
+    from lmforge.data.chat import chat_prompt
+
+    rendered = [chat_prompt(tiny.tokenizer, p) for p in prompts]
+    outputs = scoring.generate_until(tiny.model, tiny.tokenizer, rendered, ("\n",), 32)
+    rows = [{"prompt": p, "answer": o} for p, o in zip(prompts[:2], outputs[:2], strict=True)] + [
+        {"prompt": prompts[2], "answer": "zz"}
+    ]
+    results = evaluate(tiny, [str(write_jsonl(tmp_path / "t.jsonl", rows))], footprint=False)
+    assert results["results"][str(tmp_path / "t.jsonl")]["exact_match,none"] == pytest.approx(2 / 3)
+
+
+def test_multiple_choice_equals_hand_computed_loglikelihoods(tiny, tmp_path):
+    rows = [
+        {"prompt": "Pick one:", "choices": [" alpha", " beta", " gamma"], "answer": 1},
+        {"prompt": "Colour?", "choices": [" red", " a much longer answer"], "answer": " red"},
+    ]
+    task = str(write_jsonl(tmp_path / "mc.jsonl", rows))
+    results = evaluate(tiny, [task], footprint=False)
+    expected_acc, expected_norm = [], []
+    for row, sample in zip(rows, results["samples"][task], strict=True):
+        requests = [(f"{row['prompt']}\n", choice) for choice in row["choices"]]
+        lls = [score for score, _ in scoring.loglikelihood(tiny.model, tiny.tokenizer, requests, batch_size=1)]
+        assert sample["loglikelihoods"] == pytest.approx(lls, rel=1e-5)
+        answer = row["answer"] if isinstance(row["answer"], int) else row["choices"].index(row["answer"])
+        expected_acc.append(lls.index(max(lls)) == answer)
+        normed = [ll / len(c.encode()) for ll, c in zip(lls, row["choices"], strict=True)]
+        expected_norm.append(normed.index(max(normed)) == answer)
+    row = results["results"][task]
+    assert row["acc,none"] == pytest.approx(sum(expected_acc) / 2)
+    assert row["acc_norm,none"] == pytest.approx(sum(expected_norm) / 2)
+
+
+def test_probe_perplexity_is_finite_and_consistent(tiny):
+    results = evaluate(tiny, ["probe"], limit=3, footprint=False)
+    row = results["results"]["probe"]
+    assert 1.0 < row["perplexity,none"] < float("inf")
+    assert row["bits_per_byte,none"] > 0
+
+
+def test_fewshot_prompts_hold_train_examples(tiny, monkeypatch):
+    seen = []
+    real = scoring.generate_until
+    monkeypatch.setattr(
+        scoring, "generate_until", lambda m, t, prompts, *a: seen.extend(prompts) or real(m, t, prompts, *a)
+    )
+    evaluate(tiny, ["arithmetic"], limit=2, num_fewshot=2, footprint=False)
+    train_prompts = {r["prompt"] for r in get_task("arithmetic").shots()}
+    for prompt in seen:
+        assert prompt.count("<|im_start|>user") == 3  # two shots and the question
+        assert sum(p in prompt for p in train_prompts) == 2
+    again = []
+    monkeypatch.setattr(
+        scoring, "generate_until", lambda m, t, prompts, *a: again.extend(prompts) or real(m, t, prompts, *a)
+    )
+    evaluate(tiny, ["arithmetic"], limit=2, num_fewshot=2, footprint=False)
+    assert again == seen  # seeded draw
+
+
+def test_run_eval_writes_results_and_run_record(tiny_llama, tmp_path):
+    out, results = run_eval(str(tiny_llama), ["dates", "probe"], out_dir=tmp_path / "ev", limit=2, batch_size=2)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(results["results"]))
+    record = json.loads((out / "run.json").read_text())
+    assert set(RECORD_KEYS) <= set(record)
+    assert record["command"] == "eval"
+    assert record["metrics"]["dates"]["exact_match"]["value"] == 0.0
+    assert record["metrics"]["probe"]["perplexity"]["value"] == pytest.approx(
+        results["results"]["probe"]["perplexity,none"]
+    )
+    footprint = results["footprint"]
+    assert footprint["params_total"] == record["params_total"] > 0
+    assert footprint["size_bytes"] == (tiny_llama / "model.safetensors").stat().st_size
+    assert footprint["ms_per_token"] > 0 and footprint["prompt_tokens_per_s"] > 0
+    assert record["inputs"]["model"]["fingerprint"].startswith("safetensors-sha256:")
+    assert (out / "samples_dates.jsonl").read_text().count("\n") == 2
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_existing_output_is_refused(tiny_llama, tmp_path):
+    (tmp_path / "ev").mkdir()
+    with pytest.raises(UserError, match="--overwrite"):
+        run_eval(str(tiny_llama), ["dates"], out_dir=tmp_path / "ev", limit=1)
+
+
+def test_metrics_view_matches_results():
+    results = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1}}}
+    assert metrics_of(results) == {"t": {"acc": {"value": 0.5, "stderr": 0.1}}}
+
+
+@pytest.mark.parametrize(
+    "rows, fragment",
+    [
+        ([{"prompt": "p"}], "missing key 'answer'"),
+        ([{"prompt": "p", "choices": ["a"], "answer": 0}], "at least two"),
+        ([{"prompt": "p", "choices": ["a", "b"], "answer": 5}], "choice index"),
+        ([{"prompt": "p", "answer": "a"}, {"text": "t"}], "mixes task kinds"),
+        ([], "is empty"),
+    ],
+)
+def test_bad_user_task(tmp_path, rows, fragment):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(UserError) as err:
+        get_task(str(path))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(UserError) as err:
+        get_task("datez")
+    assert "dates" in str(err.value) and "probe" in str(err.value)
+
+
+@pytest.mark.slow
+def test_default_model_cannot_do_the_tasks_before_finetuning():
+    names = [name for name, task in TASKS.items() if task.kind == "generate"]
+    results = evaluate("default", names + ["probe"], limit=40, batch_size=8, footprint=False)
+    for name in names:
+        assert results["results"][name]["exact_match,none"] <= 0.1, name
+    assert 1.0 < results["results"]["probe"]["perplexity,none"] < 100
