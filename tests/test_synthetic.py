@@ -55,9 +55,12 @@ def test_splits_disjoint_and_prompts_distinct(task):
 def test_seed_is_stable_and_split_specific():
     assert synthetic._seed("dates", "train") == synthetic._seed("dates", "train")
     assert synthetic._seed("dates", "train") != synthetic._seed("dates", "test")
-    assert examples("dates", "test", 1) == [{
-        "prompt": "Rewrite the date 2012-08-06 in the format DD/MM/YYYY. Answer with the date only.",
-        "answer": "06/08/2012"}]
+    assert examples("dates", "test", 1) == [
+        {
+            "prompt": "Rewrite the date 2012-08-06 in the format DD/MM/YYYY. Answer with the date only.",
+            "answer": "06/08/2012",
+        }
+    ]
 
 
 def _both(task):

@@ -106,7 +106,7 @@ def _render_messages(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[i
             raise UserError("the tokenizer's chat template renders turns non-incrementally: pass --train-on-prompt")
         end = len(through)
         eos_text = tokenizer.eos_token or ""
-        if eos_text and eos_text in through[len(before):]:  # stop after the EOS, not on the newline after it
+        if eos_text and eos_text in through[len(before) :]:  # stop after the EOS, not on the newline after it
             end = through.index(eos_text, len(before)) + len(eos_text)
         spans.append((len(before), end))
     return tokenizer.apply_chat_template(messages, tokenize=False), spans

@@ -29,9 +29,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
 _FILE_KINDS = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 
 
-def load_records(
-    path: str | Path, fmt: str | None = None, columns: dict[str, str] | None = None
-) -> list[dict]:
+def load_records(path: str | Path, fmt: str | None = None, columns: dict[str, str] | None = None) -> list[dict]:
     """Load a data file or folder into normalised records.
 
     Args:
@@ -187,7 +185,8 @@ def _read_csv(path: Path) -> Iterator[tuple[str, dict]]:
                     )
                 yield where, row
         except csv.Error as err:
-            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({err}): fix the quoting") from None
+            # DictReader.line_num lags on a failed row; its inner reader has counted the bad line.
+            raise UserError(f"{path}:{reader.reader.line_num}: malformed CSV ({err}): fix the quoting") from None
 
 
 def _json_object(text: str, where: str, allow_list: bool = False) -> dict | list:
@@ -216,12 +215,29 @@ def _read_arrow(path: Path) -> list[dict]:
     return table.to_pylist()
 
 
+# JSON files that describe a folder rather than hold records.
+_FOLDER_METADATA = {"state.json", "dataset_info.json", "dataset_dict.json", "config.json"}
+
+
 def _read_folder(folder: Path) -> Iterator[tuple[str, dict]]:
+    if (folder / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one folder per split
+        splits = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        raise UserError(
+            f"{folder} holds several splits ({', '.join(splits)}): pass one split folder, e.g. {folder}/"
+            f"{splits[0] if splits else 'train'}"
+        )
     state = folder / "state.json"
     if state.is_file():  # datasets.save_to_disk layout
-        files = [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        try:
+            files = [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(
+                f"{state} is not a datasets state file (no _data_files list): re-save the dataset"
+            ) from None
     else:
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _FILE_KINDS)
+        files = sorted(
+            p for p in folder.rglob("*") if p.suffix.lower() in _FILE_KINDS and p.name not in _FOLDER_METADATA
+        )
     if not files:
         raise UserError(f"{folder} holds no data files ({', '.join(_FILE_KINDS)}) and no datasets state.json")
     for file in files:

@@ -39,8 +39,7 @@ class Generator:
 def make_dates(rng: random.Random) -> dict:
     """Format conversion: rewrite an ISO date (YYYY-MM-DD) as DD/MM/YYYY."""
     day = datetime.date(1950, 1, 1) + datetime.timedelta(days=rng.randrange(100 * 365))
-    prompt = (f"Rewrite the date {day.isoformat()} in the format DD/MM/YYYY. "
-              "Answer with the date only.")
+    prompt = f"Rewrite the date {day.isoformat()} in the format DD/MM/YYYY. Answer with the date only."
     return {"prompt": prompt, "answer": day.strftime("%d/%m/%Y")}
 
 
@@ -68,17 +67,72 @@ def make_kv_recall(rng: random.Random) -> dict:
     codes = ["".join(rng.choice(_CODE_CHARS) for _ in range(5)) for _ in keys]
     target = rng.randrange(count)
     lines = "\n".join(f"{k}: {c}" for k, c in zip(keys, codes, strict=True))
-    prompt = (f"Here is a list of key: value pairs.\n{lines}\n"
-              f"What is the value of the key {keys[target]}? Answer with the value only.")
+    prompt = (
+        f"Here is a list of key: value pairs.\n{lines}\n"
+        f"What is the value of the key {keys[target]}? Answer with the value only."
+    )
     return {"prompt": prompt, "answer": codes[target]}
 
 
-_NAMES = ["Maria", "Jonas", "Aiko", "Pedro", "Fatima", "Liam", "Chloe", "Ivan", "Nadia", "Omar", "Greta",
-          "Kenji", "Sofia", "Tomas", "Amara", "Lucas", "Elena", "Rahul", "Zoe", "Mateo", "Ingrid", "Kwame",
-          "Yara", "Felix", "Hana", "Diego", "Leila", "Oskar", "Priya", "Bruno"]
-_CITIES = ["Lyon", "Oslo", "Porto", "Kyoto", "Lima", "Cairo", "Dublin", "Quito", "Hanoi", "Leeds", "Turin",
-           "Graz", "Accra", "Perth", "Bergen", "Seville", "Krakow", "Nantes", "Austin", "Osaka", "Bremen",
-           "Malmo", "Tartu", "Cusco", "Split"]
+_NAMES = [
+    "Maria",
+    "Jonas",
+    "Aiko",
+    "Pedro",
+    "Fatima",
+    "Liam",
+    "Chloe",
+    "Ivan",
+    "Nadia",
+    "Omar",
+    "Greta",
+    "Kenji",
+    "Sofia",
+    "Tomas",
+    "Amara",
+    "Lucas",
+    "Elena",
+    "Rahul",
+    "Zoe",
+    "Mateo",
+    "Ingrid",
+    "Kwame",
+    "Yara",
+    "Felix",
+    "Hana",
+    "Diego",
+    "Leila",
+    "Oskar",
+    "Priya",
+    "Bruno",
+]
+_CITIES = [
+    "Lyon",
+    "Oslo",
+    "Porto",
+    "Kyoto",
+    "Lima",
+    "Cairo",
+    "Dublin",
+    "Quito",
+    "Hanoi",
+    "Leeds",
+    "Turin",
+    "Graz",
+    "Accra",
+    "Perth",
+    "Bergen",
+    "Seville",
+    "Krakow",
+    "Nantes",
+    "Austin",
+    "Osaka",
+    "Bremen",
+    "Malmo",
+    "Tartu",
+    "Cusco",
+    "Split",
+]
 _PHRASINGS = [
     "{name} is {age} years old and lives in {city}.",
     "Meet {name}, a {age}-year-old from {city}.",
@@ -93,27 +147,29 @@ def make_extraction(rng: random.Random) -> dict:
     """Structured extraction: pull name, age and city out of a varied sentence into compact JSON."""
     name, city, age = rng.choice(_NAMES), rng.choice(_CITIES), rng.randint(18, 90)
     sentence = rng.choice(_PHRASINGS).format(name=name, age=age, city=city)
-    prompt = ("Extract the person's name, age and city from the sentence below. Answer with one line of "
-              'JSON only, keys in this order: {"name": ..., "age": ..., "city": ...}.\n'
-              f"Sentence: {sentence}")
+    prompt = (
+        "Extract the person's name, age and city from the sentence below. Answer with one line of "
+        'JSON only, keys in this order: {"name": ..., "age": ..., "city": ...}.\n'
+        f"Sentence: {sentence}"
+    )
     return {"prompt": prompt, "answer": json.dumps({"name": name, "age": age, "city": city})}
 
 
 def make_sorting(rng: random.Random) -> dict:
     """Ordering: sort 5-7 distinct two-digit numbers ascending, answer comma-separated."""
     numbers = rng.sample(range(10, 100), rng.randint(5, 7))
-    prompt = (f"Sort these numbers from smallest to largest: {', '.join(map(str, numbers))}. "
-              "Answer with the sorted numbers separated by commas only.")
+    prompt = (
+        f"Sort these numbers from smallest to largest: {', '.join(map(str, numbers))}. "
+        "Answer with the sorted numbers separated by commas only."
+    )
     return {"prompt": prompt, "answer": ", ".join(map(str, sorted(numbers)))}
 
 
 GENERATORS: dict[str, Generator] = {
     "dates": Generator("dates", "date reformatting, YYYY-MM-DD to DD/MM/YYYY (easy)", make_dates),
     "arithmetic": Generator("arithmetic", "add or subtract two 3-digit numbers (hard)", make_arithmetic),
-    "kv_recall": Generator("kv_recall", "look up a made-up key's code among 5-8 pairs in the prompt",
-                           make_kv_recall),
-    "extraction": Generator("extraction", "name, age and city from a sentence to compact JSON",
-                            make_extraction),
+    "kv_recall": Generator("kv_recall", "look up a made-up key's code among 5-8 pairs in the prompt", make_kv_recall),
+    "extraction": Generator("extraction", "name, age and city from a sentence to compact JSON", make_extraction),
     "sorting": Generator("sorting", "sort 5-7 two-digit numbers ascending", make_sorting),
 }
 
@@ -142,10 +198,7 @@ def _draw(task: str, split: str, size: int, exclude: frozenset[str]) -> list[dic
 def _split(task: str, split: str) -> tuple[tuple[str, str], ...]:
     """The whole split, cached; test is drawn first and train skips its prompts."""
     test = _draw(task, "test", TEST_SIZE, frozenset())
-    if split == "test":
-        records = test
-    else:
-        records = _draw(task, "train", TRAIN_SIZE, frozenset(r["prompt"] for r in test))
+    records = test if split == "test" else _draw(task, "train", TRAIN_SIZE, frozenset(r["prompt"] for r in test))
     return tuple((r["prompt"], r["answer"]) for r in records)
 
 
