@@ -25,15 +25,15 @@ demo: setup
 		--task probe --limit 50
 
 test: setup
-	$(BIN)/ruff check lmforge tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 style: setup
-	$(BIN)/ruff format lmforge tests bench
-	$(BIN)/ruff check --fix lmforge tests bench
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 quality: setup
-	$(BIN)/ruff check lmforge tests bench
+	$(BIN)/ruff check .
