@@ -101,3 +101,10 @@ def test_generation_equals_manual_greedy_loop_and_stops(tiny):
     stop = manual[3:5]
     (cut,) = scoring.generate_until(tiny.model, tok, [prompt], stop=[stop], max_new_tokens=10)
     assert cut == manual[: manual.index(stop)]
+
+
+def test_loglikelihood_with_empty_context_starts_from_prefix_token(tiny):
+    tok = tiny.tokenizer
+    ((score, _),) = scoring.loglikelihood(tiny.model, tok, [("", "hello there")])
+    ids = [tok.bos_token_id] + tok.encode("hello there", add_special_tokens=False)
+    assert score == pytest.approx(naive_loglikelihood(tiny.model, ids), rel=1e-5)

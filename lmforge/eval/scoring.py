@@ -108,13 +108,12 @@ def loglikelihood(
         spaces = len(context) - len(context.rstrip(" "))
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        context_ids = _encode(tokenizer, context) if context else [_prefix_token(tokenizer)]
-        whole = (
-            _encode(tokenizer, context + continuation) if context else context_ids + _encode(tokenizer, continuation)
-        )
-        continuation_ids = whole[len(context_ids) :] if context else whole[1:]
-        full = context_ids + continuation_ids if context else whole
-        inputs = full[:-1][-max_length:]
+        if context:
+            context_ids = _encode(tokenizer, context)
+            continuation_ids = _encode(tokenizer, context + continuation)[len(context_ids) :]
+        else:  # nothing to condition on: start from the prefix token, as rolling scoring does
+            context_ids, continuation_ids = [_prefix_token(tokenizer)], _encode(tokenizer, continuation)
+        inputs = (context_ids + continuation_ids)[:-1][-max_length:]
         windows.append((inputs, continuation_ids))
     return _score_windows(model, windows, tokenizer.pad_token_id or 0, batch_size)
 
