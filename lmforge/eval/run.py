@@ -28,6 +28,9 @@ from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, versions, write_json
 
 FEWSHOT_SEED = 1234  # lm-eval's default, so k-shot draws are fixed across runs and models
+# Longest perplexity window: the model's context, capped so attention stays affordable on a CPU. lm-eval uses the
+# full context; for texts longer than this pass it max_length=MAX_WINDOW to compare (docs/footguns.md).
+MAX_WINDOW = 2048
 
 
 def evaluate(
@@ -152,7 +155,8 @@ def _score_multiple_choice(loaded, docs, shots, num_fewshot, rng, batch_size):
 def _score_perplexity(loaded, docs, batch_size):
     """Token perplexity (model-specific) plus byte perplexity and bits per byte (tokenizer-free)."""
     texts = [doc["text"] for doc in docs]
-    totals = scoring.loglikelihood_rolling(loaded.model, loaded.tokenizer, texts, batch_size)
+    window = min(getattr(loaded.model.config, "max_position_embeddings", None) or MAX_WINDOW, MAX_WINDOW)
+    totals = scoring.loglikelihood_rolling(loaded.model, loaded.tokenizer, texts, batch_size, max_length=window)
     log_likelihood = sum(total for total, _ in totals)
     tokens = sum(count for _, count in totals)
     n_bytes = sum(len(text.encode()) for text in texts)

@@ -34,7 +34,7 @@ def _padded(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tenso
 
 
 def _prefix_token(tokenizer) -> int:
-    """Token that stands before a text with no context (lm-eval uses the end-of-text token)."""
+    """Token that stands before a text with no context: BOS, else EOS (lm-eval 0.4's `prefix_token_id`)."""
     for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return token_id
