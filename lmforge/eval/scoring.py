@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StopStringCriteria, StoppingCriteriaList
 
 
 def _by_length(items: Sequence, key: Callable[[object], int], batch_size: int) -> list[list[int]]:
@@ -157,6 +157,10 @@ def generate_until(
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id
     )
+    # Built once per call: the criterion indexes the whole vocabulary (0.7 s for 49k tokens), which `stop_strings=`
+    # would redo for every batch.
+    markers = [marker for marker in stop if marker]
+    stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, markers)] if markers else [])
     outputs = [""] * len(prompts)
     for batch in _by_length(encoded, len, batch_size):
         ids, mask = _padded([encoded[i] for i in batch], pad_id, left=True)
@@ -165,8 +169,7 @@ def generate_until(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=config,
-                stop_strings=list(stop) or None,
-                tokenizer=tokenizer,
+                stopping_criteria=stopping,
             )
         for row, index in enumerate(batch):
             text = tokenizer.decode(generated[row, ids.shape[1] :], skip_special_tokens=True)
