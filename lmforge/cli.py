@@ -6,6 +6,7 @@ exit status 2, never a traceback; anything else is a bug and keeps its traceback
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -130,6 +131,7 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line."""
+    logging.basicConfig(level=logging.INFO, format="lmforge: %(message)s", stream=sys.stderr)
     try:
         app()
     except UserError as err:

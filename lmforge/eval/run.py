@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import re
@@ -27,6 +28,7 @@ from lmforge.models.load import LoadedModel, file_sha256, load_model, resolve_mo
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, versions, write_json
 
+log = logging.getLogger("lmforge.eval")
 FEWSHOT_SEED = 1234  # lm-eval's default, so k-shot draws are fixed across runs and models
 # Longest perplexity window: the model's context, capped so attention stays affordable on a CPU. lm-eval uses the
 # full context; for texts longer than this pass it max_length=MAX_WINDOW to compare (docs/footguns.md).
@@ -62,6 +64,7 @@ def evaluate(
     for task in resolved:
         docs = task.docs()
         scored_docs = docs[:limit] if limit else docs
+        log.info("scoring %s: %d records (%s)", task.name, len(scored_docs), task.kind)
         start = time.perf_counter()
         metrics, samples = score_task(loaded, task, scored_docs, num_fewshot, batch_size)
         results["results"][task.name] = {"alias": task.name, **metrics}
@@ -88,6 +91,8 @@ def evaluate(
         "fewshot_seed": FEWSHOT_SEED,
     }
     results["lmforge_versions"] = versions()
+    if footprint:
+        log.info("measuring footprint (size, speed, memory)")
     results["footprint"] = measure_footprint(loaded) if footprint else None
     return results
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import GenerationConfig, StopStringCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 
 
 def _by_length(items: Sequence, key: Callable[[object], int], batch_size: int) -> list[list[int]]:
