@@ -16,6 +16,7 @@ _API = {
     "resolve_model": "lmforge.models.load:resolve_model",
     "evaluate": "lmforge.eval.run:evaluate",
     "run_eval": "lmforge.eval.run:run_eval",
+    "finetune": "lmforge.finetune.sft:finetune",
     "load_records": "lmforge.data.sources:load_records",
     "split_records": "lmforge.data.sources:split_records",
     "render_example": "lmforge.data.chat:render_example",

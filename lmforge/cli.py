@@ -58,6 +58,40 @@ def eval_command(
     console.print(f"results in {folder}")
 
 
+@app.command("finetune")
+def finetune_command(
+    args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key.sub=value ...]")] = None,
+    model: Annotated[str | None, typer.Option(help="model reference (default: 'default')")] = None,
+    task: Annotated[str | None, typer.Option(help="built-in task to train on (its train split)")] = None,
+    data: Annotated[str | None, typer.Option(help="data file or folder to train on")] = None,
+    out: Annotated[str | None, typer.Option(help="output model folder")] = None,
+    method: Annotated[str | None, typer.Option(help="lora | full")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimiser steps")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    merge: Annotated[bool, typer.Option(help="merge the LoRA adapter into the weights")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+) -> None:
+    """Supervised fine-tuning (LoRA or full) with a forgetting report; flags override the config file."""
+    from lmforge.finetune.sft import finetune
+
+    args = list(args or [])
+    config = args.pop(0) if args and args[0].endswith((".yaml", ".yml")) else None
+    flags = {
+        "model": model,
+        "data.task": task,
+        "data.path": data,
+        "output": out,
+        "method": method,
+        "train.max_steps": steps,
+        "train.lr": lr,
+    }
+    overrides = args + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    overrides += [f"{key}=true" for key, on in (("merge", merge), ("overwrite", overwrite), ("resume", resume)) if on]
+    folder = finetune(config, overrides)
+    console.print(f"fine-tuned model in {folder}")
+
+
 @app.command("tasks")
 def tasks_command() -> None:
     """List the built-in tasks."""

@@ -133,8 +133,9 @@ def _fewshot_source(task: Task, num_fewshot: int) -> list[dict]:
 
 
 def _draw(rng: random.Random, shots: list[dict], k: int) -> list[tuple[str, str]]:
+    """k (prompt, answer) example pairs from a task's train split (only built-in tasks have one)."""
     chosen = rng.sample(shots, k) if k else []
-    return [(shot["prompt"], shot.get("answer") or shot["choices"][shot["answer"]]) for shot in chosen]
+    return [(shot["prompt"], shot["answer"]) for shot in chosen]
 
 
 def _score_multiple_choice(loaded, docs, shots, num_fewshot, rng, batch_size):

@@ -84,6 +84,8 @@ def check_model_folder(path: Path) -> Path:
     """Refuse folders that are not model folders or whose safetensors files are damaged, naming the file."""
     if not path.is_dir():
         raise UserError(f"{path} is not a folder: pass a model folder, a .gguf file, a hub id or '{DEFAULT_REF}'")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return path  # a PEFT adapter: load_model resolves its base model
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model folder (no config.json): pass a folder written by save_pretrained")
     weights = sorted(path.glob("*.safetensors"))
@@ -204,6 +206,8 @@ def load_model(
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype '{dtype}': use one of {', '.join(_DTYPES)}")
     folder = resolve_model(ref)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return _load_adapter(folder, dtype, device, trust_remote_code)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -219,3 +223,22 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, str(ref), folder, time.perf_counter() - start)
+
+
+def _load_adapter(folder: Path, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+    """A PEFT adapter folder: load its base model, apply the adapter and merge it for fast scoring."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base_ref = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_ref:
+        raise UserError(f"{folder}/adapter_config.json names no base_model_name_or_path: set it to the base model")
+    start = time.perf_counter()
+    base = load_model(base_ref, dtype, device, trust_remote_code)
+    model = PeftModel.from_pretrained(base.model, folder).merge_and_unload().eval()
+    tokenizer = (
+        AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else base.tokenizer
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, str(folder), folder, time.perf_counter() - start)

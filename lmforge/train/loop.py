@@ -1,0 +1,267 @@
+"""The one training loop: a loss function in, a trained model and its history out [nG train.py].
+
+SFT, DPO and distillation differ only in `loss_fn(model, batch) -> (summed loss, metrics)` and in their
+rows. The loop owns what every method needs: seeded data order, gradient accumulation with the loss
+normalised by the token count of the whole optimiser step (so batch 1 x accumulation 8 equals batch 8 x
+accumulation 1, and N processes equal one), warmup + cosine/linear schedule, gradient clipping, evaluation
+every N steps with early stopping and best-checkpoint keeping, resumable checkpoints (Ctrl-C saves one),
+and a JSONL log. It runs on `accelerate.Accelerator`, so `accelerate launch` / `torchrun` scale it out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+Collate = Callable[[list[dict]], dict]
+EvalFn = Callable[[torch.nn.Module], dict]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to optimise: the knobs every method shares."""
+
+    lr: float = 2e-4
+    """Peak learning rate (after warmup)."""
+    max_steps: int = 100
+    """Optimiser steps to run."""
+    batch_size: int = 8
+    """Rows per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to `lr` over this many steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup (to 0 at max_steps for cosine and linear)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    patience: int | None = None
+    """Stop after this many evaluations without improvement (None: never stop early)."""
+    save_every: int = 50
+    """Write a resumable checkpoint every N steps."""
+    seed: int = 0
+    """Seeds the data order and every random draw."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides weights and optimiser."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_gain: int = 0
+
+
+def learning_rate_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at optimiser step `step` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n_rows))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def _next_micro_batches(rows: Sequence[dict], cfg: TrainConfig, state: TrainState, rank: int, world: int):
+    """The rows of one optimiser step for this process, advancing the epoch/position cursor."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    taken: list[dict] = []
+    while len(taken) < per_step:
+        order = _order(len(rows), cfg.seed, state.epoch)
+        need = per_step - len(taken)
+        chunk = order[state.position : state.position + need]
+        taken += [rows[i] for i in chunk]
+        state.position += len(chunk)
+        if state.position >= len(rows):
+            state.epoch, state.position = state.epoch + 1, 0
+    mine = taken[rank::world]  # every process sees a disjoint slice of the same global step
+    return [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, model, optimizer, state: TrainState) -> None:
+    """Trainable weights (safetensors), optimiser state, loop state and RNG: enough to resume exactly."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in _trainable(model).items()}, staging / "trainable.safetensors"
+    )
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state()}, staging / "rng.pt")
+    (staging / "state.json").write_text(json.dumps(asdict(state)))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
+    """Restore what save_checkpoint wrote (pickles only with weights_only=True)."""
+    weights = load_file(folder / "trainable.safetensors")
+    params = _trainable(model)
+    missing = set(params) - set(weights)
+    if missing:
+        raise ValueError(f"checkpoint {folder} lacks trainable tensors {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
+    return TrainState(**json.loads((folder / "state.json").read_text()))
+
+
+def train(
+    model: torch.nn.Module,
+    rows: Sequence[dict],
+    loss_fn: LossFn,
+    collate: Collate,
+    cfg: TrainConfig,
+    work_dir: str | Path,
+    evaluate: EvalFn | None = None,
+    higher_is_better: bool = False,
+    resume: bool = False,
+    on_log: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Optimise the trainable parameters of `model` on `rows`; return one log record per step and eval.
+
+    Args:
+        model: the module; only parameters with requires_grad are optimised and checkpointed.
+        rows: training rows, each turned into a micro-batch by `collate`.
+        loss_fn: (model, batch) -> (loss summed over the batch's tokens, {"tokens": n, ...}).
+        collate: list of rows -> batch dict of tensors; the batch must hold "labels" (-100 = no loss).
+        cfg: optimisation settings.
+        work_dir: holds `checkpoint/` (resumable), `best/` (best trainable weights) and `log.jsonl`.
+        evaluate: model -> {"metric": value, ...}; the first entry decides "best" and early stopping.
+        higher_is_better: direction of evaluate's first metric (loss: False; accuracy: True).
+        resume: continue from work_dir/checkpoint when it exists.
+        on_log: called with every log record (progress display).
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(
+        list(_trainable(model).values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    checkpoint = work_dir / "checkpoint"
+    if resume and (checkpoint / "state.json").is_file():
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer)
+    log_path = work_dir / "log.jsonl"
+    history: list[dict] = []
+
+    def record(entry: dict) -> None:
+        history.append(entry)
+        if accelerator.is_main_process:
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+            if on_log:
+                on_log(entry)
+
+    model.train()
+    started = time.perf_counter()
+    try:
+        while state.step < cfg.max_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * learning_rate_factor(state.step, cfg)
+            micro = [
+                collate(b)
+                for b in _next_micro_batches(rows, cfg, state, accelerator.process_index, accelerator.num_processes)
+            ]
+            local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+            total_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+            if total_tokens == 0:
+                raise ValueError("a training step has no trainable tokens: check the data's loss mask")
+            step_loss = 0.0
+            for batch in micro:
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                loss_sum, _ = loss_fn(model, batch)
+                # DDP averages gradients over processes; scaling by world size turns that into a global sum.
+                accelerator.backward(loss_sum * accelerator.num_processes / total_tokens)
+                step_loss += loss_sum.item()
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(list(_trainable(model).values()), cfg.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            loss_total = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
+            elapsed = time.perf_counter() - started
+            record(
+                {
+                    "step": state.step,
+                    "loss": loss_total / total_tokens,
+                    "tokens": total_tokens,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "elapsed_s": round(elapsed, 3),
+                }
+            )
+            last = state.step == cfg.max_steps
+            due = evaluate is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last)
+            if due and _evaluate_and_keep_best(
+                model, evaluate, higher_is_better, cfg, state, work_dir, record, accelerator
+            ):
+                break
+            if state.step % cfg.save_every == 0 and accelerator.is_main_process:
+                save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, state)
+    except KeyboardInterrupt:
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, state)
+        raise
+    if accelerator.is_main_process:
+        save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, state)
+    model.eval()
+    return history
+
+
+def _evaluate_and_keep_best(model, evaluate, higher_is_better, cfg, state, work_dir, record, accelerator) -> bool:
+    """Run `evaluate`, keep the best trainable weights, and say whether patience has run out."""
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate(accelerator.unwrap_model(model))
+    model.train()
+    value = next(iter(metrics.values()))
+    improved = state.best_metric is None or (
+        value > state.best_metric if higher_is_better else value < state.best_metric
+    )
+    if improved:
+        state.best_metric, state.best_step, state.evals_without_gain = value, state.step, 0
+        if accelerator.is_main_process:
+            weights = {k: v.detach().contiguous().cpu() for k, v in _trainable(accelerator.unwrap_model(model)).items()}
+            (work_dir / "best").mkdir(exist_ok=True)
+            save_file(weights, work_dir / "best" / "trainable.safetensors")
+    else:
+        state.evals_without_gain += 1
+    record({"step": state.step, "eval": metrics, "best_step": state.best_step})
+    return cfg.patience is not None and state.evals_without_gain >= cfg.patience

@@ -1,0 +1,118 @@
+"""The training loop on a tiny model: learns, accumulation invariance, exact resume after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.chat import IGNORE_INDEX, render_example
+from lmforge.models.load import load_model
+from lmforge.train.loop import TrainConfig, learning_rate_factor, train
+
+
+def plain_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+    return loss, {"tokens": int((labels != IGNORE_INDEX).sum())}
+
+
+def collate(rows):
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
+    return {
+        "input_ids": torch.tensor([pad(r["input_ids"], 0) for r in rows]),
+        "labels": torch.tensor([pad(r["labels"], IGNORE_INDEX) for r in rows]),
+        "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
+    }
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_llama):
+    tokenizer = load_model(tiny_llama).tokenizer
+    records = [{"prompt": f"Add {a} and {b}.", "completion": str(a + b)} for a in range(4) for b in range(6)]
+    return [vars(render_example(tokenizer, r)) for r in records]
+
+
+def fresh(tiny_llama):
+    torch.manual_seed(0)
+    return load_model(tiny_llama).model
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_loss_decreases_and_params_change(tiny_llama, rows, tmp_path):
+    model = fresh(tiny_llama)
+    before = weights(model)
+    cfg = TrainConfig(lr=1e-2, max_steps=25, batch_size=8, schedule="constant", save_every=100)
+    history = train(model, rows, plain_loss, collate, cfg, tmp_path)
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert any(not torch.equal(before[k], v) for k, v in weights(model).items())
+    assert (tmp_path / "checkpoint" / "trainable.safetensors").is_file()
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 25
+
+
+def test_batch1_accum8_equals_batch8_accum1(tiny_llama, rows, tmp_path):
+    results = []
+    for batch_size, accum in ((8, 1), (1, 8)):
+        model = fresh(tiny_llama)
+        cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=batch_size, grad_accum=accum, save_every=100)
+        history = train(model, rows, plain_loss, collate, cfg, tmp_path / f"{batch_size}x{accum}")
+        results.append((weights(model), [h["loss"] for h in history]))
+    (w_a, loss_a), (w_b, loss_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in w_a:
+        torch.testing.assert_close(w_a[name], w_b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_after_kill_gives_the_same_losses(tiny_llama, rows, tmp_path):
+    cfg = TrainConfig(lr=5e-3, max_steps=6, batch_size=4, warmup_steps=2, save_every=100)
+    straight = train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path / "straight")
+
+    def kill_at_3(entry):
+        if entry.get("step") == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path / "killed", on_log=kill_at_3)
+    state = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3
+    resumed_model = fresh(tiny_llama)
+    resumed = train(resumed_model, rows, plain_loss, collate, cfg, tmp_path / "killed", resume=True)
+    assert [h["step"] for h in resumed] == [4, 5, 6]
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in straight[3:]], rel=1e-5)
+
+
+def test_early_stopping_and_best_checkpoint(tiny_llama, rows, tmp_path):
+    scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    cfg = TrainConfig(lr=1e-3, max_steps=20, batch_size=4, eval_every=1, patience=2, save_every=100)
+    history = train(
+        fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path, evaluate=lambda m: {"loss": next(scores)}
+    )
+    evals = [h for h in history if "eval" in h]
+    assert len(evals) == 4  # 3.0, 2.0 (best), then two without gain
+    assert evals[-1]["best_step"] == 2
+    assert (tmp_path / "best" / "trainable.safetensors").is_file()
+
+
+def test_no_trainable_tokens_is_an_error(tiny_llama, rows, tmp_path):
+    masked = [dict(r, labels=[IGNORE_INDEX] * len(r["labels"])) for r in rows]
+    with pytest.raises(ValueError, match="no trainable tokens"):
+        train(fresh(tiny_llama), masked, plain_loss, collate, TrainConfig(max_steps=1, batch_size=2), tmp_path)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_decays(schedule):
+    cfg = TrainConfig(max_steps=10, warmup_steps=2, schedule=schedule)
+    factors = [learning_rate_factor(step, cfg) for step in range(10)]
+    assert factors[0] == 0.5 and factors[1] == 1.0
+    assert factors[2] == 1.0
+    if schedule != "constant":
+        assert factors[-1] < factors[3] and all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
