@@ -121,8 +121,8 @@ def data_export(
     console.print(f"wrote {count} records to {path}")
 
 
-@data_app.command("inspect")
-def data_inspect(
+@data_app.command("preview")
+def data_preview(
     path: Annotated[Path, typer.Argument(help="data file or folder")],
     format: Annotated[str | None, typer.Option("--format", help="force a format instead of detecting it")] = None,
     columns: Annotated[str | None, typer.Option(help="key mapping, e.g. prompt=question,completion=answer")] = None,

@@ -23,7 +23,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("verb", [[], ["eval"], ["tasks"], ["data"], ["data", "export"], ["data", "inspect"]])
+@pytest.mark.parametrize("verb", [[], ["eval"], ["tasks"], ["data"], ["data", "export"], ["data", "preview"]])
 def test_help_on_every_verb(monkeypatch, capsys, verb):
     code, out, _ = run_cli(monkeypatch, capsys, *verb, "--help")
     assert code == 0 and "Usage" in out
@@ -64,41 +64,41 @@ def test_unknown_task(monkeypatch, capsys, tiny_llama, tmp_path):
 def test_data_missing_key(monkeypatch, capsys, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n")
-    code, _, err = run_cli(monkeypatch, capsys, "data", "inspect", str(path))
+    code, _, err = run_cli(monkeypatch, capsys, "data", "preview", str(path))
     assert_one_line_error(code, err, f"{path}:2", "'completion'")
 
 
 def test_empty_data_file(monkeypatch, capsys, tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
-    code, _, err = run_cli(monkeypatch, capsys, "data", "inspect", str(path))
+    code, _, err = run_cli(monkeypatch, capsys, "data", "preview", str(path))
     assert_one_line_error(code, err, "empty")
 
 
 def test_wrong_format_flag(monkeypatch, capsys, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
-    code, _, err = run_cli(monkeypatch, capsys, "data", "inspect", str(path), "--format", "chatml")
+    code, _, err = run_cli(monkeypatch, capsys, "data", "preview", str(path), "--format", "chatml")
     assert_one_line_error(code, err, "unknown data format 'chatml'", "prompt_completion")
-    code, _, err = run_cli(monkeypatch, capsys, "data", "inspect", str(path), "--format", "preference")
+    code, _, err = run_cli(monkeypatch, capsys, "data", "preview", str(path), "--format", "preference")
     assert_one_line_error(code, err, "missing key 'chosen'")
 
 
 def test_bad_columns_flag(monkeypatch, capsys, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"q": "a", "a": "b"}) + "\n")
-    code, _, err = run_cli(monkeypatch, capsys, "data", "inspect", str(path), "--columns", "prompt")
+    code, _, err = run_cli(monkeypatch, capsys, "data", "preview", str(path), "--columns", "prompt")
     assert_one_line_error(code, err, "--columns")
 
 
-def test_data_inspect_with_columns_and_mask(monkeypatch, capsys, tmp_path, tiny_llama):
+def test_data_preview_with_columns_and_mask(monkeypatch, capsys, tmp_path, tiny_llama):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"q": "What?", "a": "That."}) + "\n")
     code, out, _ = run_cli(
         monkeypatch,
         capsys,
         "data",
-        "inspect",
+        "preview",
         str(path),
         "--columns",
         "prompt=q,completion=a",
