@@ -232,7 +232,7 @@ def run_sft(cfg: SFTConfig) -> Path:
                 "val_records": len(val_records),
             },
             config=config_io.to_dict(cfg),
-            tokens_seen=sum(h.get("tokens", 0) for h in history if "loss" in h),
+            tokens_seen=sum(h.get("input_tokens", 0) for h in history if "loss" in h),
             params_total=sum(p.numel() for p in final.parameters()),
             params_trainable=trainable,
             metrics=metrics_of(after) if after else {},

@@ -199,6 +199,9 @@ def train(
                 for b in _next_micro_batches(rows, cfg, state, accelerator.process_index, accelerator.num_processes)
             ]
             local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+            local_inputs = sum(
+                int(b["attention_mask"].sum()) if "attention_mask" in b else b["labels"].numel() for b in micro
+            )
             total_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
             if total_tokens == 0:
                 raise ValueError("a training step has no trainable tokens: check the data's loss mask")
@@ -222,6 +225,9 @@ def train(
                     "step": state.step,
                     "loss": loss_total / total_tokens,
                     "tokens": total_tokens,
+                    "input_tokens": int(
+                        accelerator.reduce(torch.tensor(local_inputs, device=accelerator.device), "sum")
+                    ),
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": grad_norm,
                     "elapsed_s": round(elapsed, 3),
