@@ -105,6 +105,14 @@ def _next_micro_batches(rows: Sequence[dict], cfg: TrainConfig, state: TrainStat
     return [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
 
 
+def loss_units(batch: dict) -> int:
+    """What the step's summed loss is divided by: labelled tokens, or `num_items` when the batch says so
+    (DPO counts preference pairs, not tokens)."""
+    if "num_items" in batch:
+        return int(batch["num_items"])
+    return int((batch["labels"] != -100).sum())
+
+
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -157,7 +165,8 @@ def train(
         model: the module; only parameters with requires_grad are optimised and checkpointed.
         rows: training rows, each turned into a micro-batch by `collate`.
         loss_fn: (model, batch) -> (loss summed over the batch's tokens, {"tokens": n, ...}).
-        collate: list of rows -> batch dict of tensors; the batch must hold "labels" (-100 = no loss).
+        collate: list of rows -> batch dict of tensors; the batch holds "labels" (-100 = no loss) or
+            "num_items" (the loss units it holds; see loss_units).
         cfg: optimisation settings.
         work_dir: holds `checkpoint/` (resumable), `best/` (best trainable weights) and `log.jsonl`.
         evaluate: model -> {"metric": value, ...}; the first entry decides "best" and early stopping.
@@ -198,7 +207,7 @@ def train(
                 collate(b)
                 for b in _next_micro_batches(rows, cfg, state, accelerator.process_index, accelerator.num_processes)
             ]
-            local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+            local_tokens = sum(loss_units(b) for b in micro)
             local_inputs = sum(
                 int(b["attention_mask"].sum()) if "attention_mask" in b else b["labels"].numel() for b in micro
             )
@@ -207,7 +216,7 @@ def train(
                 raise ValueError("a training step has no trainable tokens: check the data's loss mask")
             step_loss = 0.0
             for batch in micro:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 loss_sum, _ = loss_fn(model, batch)
                 # DDP averages gradients over processes; scaling by world size turns that into a global sum.
                 accelerator.backward(loss_sum * accelerator.num_processes / total_tokens)
