@@ -122,13 +122,7 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
     Returns:
         (summed fp32 loss, {"tokens": labelled-token count, "loss": mean loss per labelled token}).
     """
-    packed = batch.get("position_ids") is not None
-    inputs = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": None if packed else batch.get("attention_mask"),
-        "position_ids": batch.get("position_ids"),
-        "use_cache": False,  # a cache also turns off packed-sequence detection, and training never reads one
-    }
+    inputs = _model_inputs(batch)
     labels = batch["labels"]
     if any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS):
         # Softcapping or scaling sits between the head and the softmax: use the model's own full logits.
@@ -142,3 +136,46 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
         loss, tokens = chunked_cross_entropy(hidden, head.weight, labels, chunk_size, getattr(head, "bias", None))
     count = int(tokens)
     return loss, {"tokens": count, "loss": loss.item() / count if count else 0.0}
+
+
+def _model_inputs(batch: dict) -> dict:
+    """Forward arguments for a batch: packed rows (with position_ids) go without the 2D mask (see causal_lm_loss)."""
+    packed = batch.get("position_ids") is not None
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": None if packed else batch.get("attention_mask"),
+        "position_ids": batch.get("position_ids"),
+        "use_cache": False,  # a cache also turns off packed-sequence detection, and training never reads one
+    }
+
+
+def sequence_logprobs(model, batch: dict, chunk_size: int = 1024) -> Tensor:
+    """Per-row sum of log p(label) over the labelled positions, with gradients (DPO's sequence log-likelihood).
+
+    The same forward and chunked head as causal_lm_loss, but kept per row: each row's labelled positions go
+    through the chunked cross-entropy on their own, so no (batch, seq, vocab) logits exist either. Rows must not
+    be packed (one sequence per row), or the sum would cover several examples.
+
+    Args:
+        model: a causal LM, as for causal_lm_loss.
+        batch: input_ids, attention_mask, labels (batch, seq); labels unshifted, IGNORE_INDEX where not scored.
+        chunk_size: rows of logits formed at once.
+
+    Returns:
+        (batch,) fp32 log-likelihoods; 0 for a row with no labelled token.
+    """
+    inputs = _model_inputs(batch)
+    targets = batch["labels"][:, 1:]  # (batch, seq - 1)
+    keep = targets != IGNORE_INDEX
+    if any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS):
+        logits = model(**inputs).logits[:, :-1].float()  # (batch, seq - 1, vocab)
+        picked = logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
+        return (picked * keep).sum(-1)
+    hidden = model.get_decoder()(**inputs).last_hidden_state[:, :-1]  # (batch, seq - 1, dim)
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    sums = [
+        -_ChunkedCrossEntropy.apply(hidden[i][keep[i]], head.weight, bias, targets[i][keep[i]], chunk_size)
+        for i in range(len(hidden))
+    ]
+    return torch.stack(sums)  # (batch,)

@@ -181,11 +181,14 @@ def train(
     optimizer = torch.optim.AdamW(
         list(_trainable(model).values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # The model is not wrapped in DDP: loss functions reach past forward() to the decoder's hidden states
+    # (chunked losses), which DDP's wrapper would neither expose nor see. Gradients are summed across
+    # processes by hand after each step instead (_sum_gradients); for LoRA that is a few MB.
+    model = model.to(accelerator.device)
     state = TrainState()
     checkpoint = work_dir / "checkpoint"
     if resume and (checkpoint / "state.json").is_file():
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer)
+        state = load_checkpoint(checkpoint, model, optimizer)
     log_path = work_dir / "log.jsonl"
     history: list[dict] = []
 
@@ -218,9 +221,9 @@ def train(
             for batch in micro:
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 loss_sum, _ = loss_fn(model, batch)
-                # DDP averages gradients over processes; scaling by world size turns that into a global sum.
-                accelerator.backward(loss_sum * accelerator.num_processes / total_tokens)
+                accelerator.backward(loss_sum / total_tokens)
                 step_loss += loss_sum.item()
+            _sum_gradients(model, accelerator)
             grad_norm = None
             if cfg.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(list(_trainable(model).values()), cfg.max_grad_norm))
@@ -249,22 +252,32 @@ def train(
             ):
                 break
             if state.step % cfg.save_every == 0 and accelerator.is_main_process:
-                save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, state)
+                save_checkpoint(checkpoint, model, optimizer, state)
     except KeyboardInterrupt:
         if accelerator.is_main_process:
-            save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, state)
+            save_checkpoint(checkpoint, model, optimizer, state)
         raise
     if accelerator.is_main_process:
-        save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, state)
+        save_checkpoint(checkpoint, model, optimizer, state)
     model.eval()
     return history
+
+
+def _sum_gradients(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """All-reduce (sum) the trainable gradients: every process then holds the gradient of the global step."""
+    if accelerator.num_processes == 1:
+        return
+    for param in _trainable(model).values():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        param.grad.copy_(accelerator.reduce(param.grad, reduction="sum"))
 
 
 def _evaluate_and_keep_best(model, evaluate, higher_is_better, cfg, state, work_dir, record, accelerator) -> bool:
     """Run `evaluate`, keep the best trainable weights, and say whether patience has run out."""
     model.eval()
     with torch.no_grad():
-        metrics = evaluate(accelerator.unwrap_model(model))
+        metrics = evaluate(model)
     model.train()
     value = next(iter(metrics.values()))
     improved = state.best_metric is None or (
@@ -273,7 +286,7 @@ def _evaluate_and_keep_best(model, evaluate, higher_is_better, cfg, state, work_
     if improved:
         state.best_metric, state.best_step, state.evals_without_gain = value, state.step, 0
         if accelerator.is_main_process:
-            weights = {k: v.detach().contiguous().cpu() for k, v in _trainable(accelerator.unwrap_model(model)).items()}
+            weights = {k: v.detach().contiguous().cpu() for k, v in _trainable(model).items()}
             (work_dir / "best").mkdir(exist_ok=True)
             save_file(weights, work_dir / "best" / "trainable.safetensors")
     else:

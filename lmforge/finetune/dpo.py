@@ -1,0 +1,362 @@
+"""`lmforge dpo`: preference tuning of a LoRA adapter with the DPO or IPO loss, through the one training loop.
+
+Reads top to bottom: load preference pairs {prompt, chosen, rejected}, render each side with the chat template
+(completion-only labels, EOS trained), attach LoRA, score every pair ONCE under the reference model, train, and
+write the same folder as `lmforge finetune` (adapter, tokenizer, lmforge.yaml, run.json, log.jsonl, card).
+The reference is the frozen base itself: the same PeftModel with its adapter disabled, so no second copy of the
+weights exists; full fine-tuning would need one and is refused. A micro-batch stacks the chosen then the rejected
+sides of its pairs, and `num_items` = pairs makes the loop average the summed loss per pair.
+Losses: DPO sigmoid (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, eq. 7) and IPO (Azar et al. 2023,
+https://arxiv.org/abs/2310.12036, eq. 17). As TRL does, IPO uses log-probs averaged over completion tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor
+
+from lmforge import config as config_io
+from lmforge.data.chat import IGNORE_INDEX, render_example
+from lmforge.data.sources import load_records, split_records
+from lmforge.errors import UserError
+from lmforge.eval.run import evaluate, metrics_of
+from lmforge.finetune.lora import LoraSettings, attach_lora
+from lmforge.finetune.sft import EvalSettings, _forgetting_rows, _print_forgetting, _print_progress
+from lmforge.models.load import load_model
+from lmforge.outputs import staged_output
+from lmforge.report.record import RunMeter, run_record, write_json
+from lmforge.train.chunked import sequence_logprobs
+from lmforge.train.loop import TrainConfig, train
+
+log = logging.getLogger("lmforge.dpo")
+
+
+def sigmoid_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float):
+    """DPO: -log sigmoid(beta * ((pc - rc) - (pr - rr))) [Rafailov et al. 2023, eq. 7]."""
+    logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * logits)
+
+
+def ipo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float):
+    """IPO: (logits - 1 / (2 beta))^2, beta playing the paper's tau [Azar et al. 2023, eq. 17]: a bounded target
+    margin instead of DPO's push to infinity on deterministic preferences."""
+    logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return (logits - 1 / (2 * beta)) ** 2
+
+
+DPO_LOSSES: dict[str, Callable[..., Tensor]] = {"sigmoid": sigmoid_loss, "ipo": ipo_loss}
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+) -> Tensor:
+    """Per-pair preference loss from sequence log-probs.
+
+    Args:
+        policy_chosen, policy_rejected: (pairs,) log-probs of the chosen / rejected completions under the policy.
+        ref_chosen, ref_rejected: (pairs,) the same under the reference model.
+        beta: strength of the KL regulariser (> 0).
+        loss_type: a key of DPO_LOSSES. For "ipo" pass length-averaged log-probs to follow TRL (run_dpo does).
+
+    Returns:
+        (pairs,) losses, not reduced.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss_type '{loss_type}': use one of {', '.join(DPO_LOSSES)}")
+    return DPO_LOSSES[loss_type](policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+
+@dataclass(frozen=True)
+class PreferenceData:
+    """Where the preference pairs come from and how they are tokenised."""
+
+    path: str | None = None
+    """A preference data file or folder: records {prompt, chosen, rejected}."""
+    format: str | None = None
+    """Force the data format instead of detecting it (must end up preference)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Canonical key -> your key, e.g. {chosen: good, rejected: bad}."""
+    val_fraction: float = 0.05
+    """Share of pairs held out for the validation loss and reward accuracy."""
+    max_length: int = 512
+    """Longer prompt + completion sequences are truncated (and counted)."""
+    limit: int | None = None
+    """Use only the first N pairs."""
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """A preference-tuning run (LoRA)."""
+
+    output: str
+    """Output model folder."""
+    model: str = "default"
+    """Model reference: default, a folder, a .gguf file or a hub id (ideally an SFT result)."""
+    method: Literal["lora", "full"] = "lora"
+    """Only lora for now: the adapter-disabled model is the reference, full tuning would need a second copy."""
+    data: PreferenceData = field(default_factory=PreferenceData)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    beta: float = 0.1
+    """KL strength: higher keeps the policy closer to the reference."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid (DPO) or ipo."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+    resume: bool = False
+    """Continue an interrupted run from <output>.work/."""
+
+
+def tokenize_pairs(records: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """One row per pair: both sides rendered like SFT examples; pairs where a side has no label are dropped."""
+    rows, truncated = [], 0
+    for record in records:
+        sides = [
+            render_example(tokenizer, {"prompt": record["prompt"], "completion": record[key]}, max_length)
+            for key in ("chosen", "rejected")
+        ]
+        truncated += any(side.truncated for side in sides)
+        if all(any(label != IGNORE_INDEX for label in side.labels[1:]) for side in sides):
+            rows.append(
+                {
+                    "chosen_input_ids": sides[0].input_ids,
+                    "chosen_labels": sides[0].labels,
+                    "rejected_input_ids": sides[1].input_ids,
+                    "rejected_labels": sides[1].labels,
+                }
+            )
+    if truncated:
+        log.warning(
+            "%d of %d pairs were longer than data.max_length=%d and truncated", truncated, len(records), max_length
+        )
+    if records and not rows:
+        raise UserError("no pair has trainable completion tokens on both sides: raise data.max_length")
+    if len(rows) < len(records):
+        log.warning(
+            "%d pairs had no completion tokens left after truncation and were dropped", len(records) - len(rows)
+        )
+    return rows
+
+
+def collate_pairs(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad the chosen sides then the rejected sides into one (2 x pairs, width) batch.
+
+    Carries the pairs' reference log-probs (pairs,) when the rows have them, and num_items = pairs so the loop
+    averages per pair, not per token.
+    """
+    sides = [(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
+    sides += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
+    width = max(len(ids) for ids, _ in sides)
+    batch: dict = {
+        "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in sides]),
+        "labels": torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels in sides]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in sides]),
+        "num_items": len(rows),
+    }
+    if "ref_chosen" in rows[0]:
+        batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows], dtype=torch.float32)
+        batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows], dtype=torch.float32)
+    return batch
+
+
+def add_reference_logprobs(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> list[dict]:
+    """Score every pair once under the reference (adapter disabled), so training never runs the reference."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad(), model.disable_adapter():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            logps = sequence_logprobs(model, collate_pairs(chunk, pad_id)).tolist()
+            n = len(chunk)
+            out += [
+                row | {"ref_chosen": c, "ref_rejected": r}
+                for row, c, r in zip(chunk, logps[:n], logps[n:], strict=True)
+            ]
+    model.train(was_training)
+    return out
+
+
+def make_loss_fn(beta: float, loss_type: str, chunk_size: int = 1024):
+    """A loop loss_fn: (model, batch) -> (loss summed over the batch's pairs, metrics)."""
+
+    def loss_fn(model, batch: dict) -> tuple[Tensor, dict]:
+        n = batch["num_items"]
+        logps = sequence_logprobs(model, batch, chunk_size)  # (2n,) chosen then rejected
+        ref = torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).to(logps)
+        if loss_type == "ipo":  # TRL's IPO: mean log-prob per completion token
+            tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp_min(1)
+            logps, ref = logps / tokens, ref / tokens
+        losses = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type)
+        chosen_reward = beta * (logps[:n] - ref[:n]).detach()
+        rejected_reward = beta * (logps[n:] - ref[n:]).detach()
+        metrics = {
+            "pairs": n,
+            "loss": losses.mean().item(),
+            "reward_accuracy": (chosen_reward > rejected_reward).float().mean().item(),
+            "reward_margin": (chosen_reward - rejected_reward).mean().item(),
+        }
+        return losses.sum(), metrics
+
+    return loss_fn
+
+
+def preference_metrics(rows: list[dict], pad_id: int, loss_fn, batch_size: int = 8):
+    """An evaluate function for the loop: pair-weighted loss, reward accuracy and margin over `rows`."""
+
+    def score(model) -> dict:
+        sums = {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0}
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                _, metrics = loss_fn(model, collate_pairs(rows[start : start + batch_size], pad_id))
+                for key in sums:
+                    sums[key] += metrics[key] * metrics["pairs"]
+        return {key: value / max(len(rows), 1) for key, value in sums.items()}
+
+    return score
+
+
+def dpo(config: str | Path | DPOConfig | None = None, overrides: Sequence[str] = ()) -> Path:
+    """Python entry point: a YAML path (or a DPOConfig) plus key.sub=value overrides."""
+    if isinstance(config, DPOConfig):
+        if overrides:
+            raise TypeError("overrides apply to a YAML config; use dataclasses.replace on a DPOConfig")
+        return run_dpo(config)
+    return run_dpo(config_io.load(config, DPOConfig, overrides))
+
+
+def _check(cfg: DPOConfig) -> None:
+    if cfg.method != "lora":
+        raise UserError(
+            "DPO with method: full needs a second, frozen copy of the model as reference: use method: lora "
+            "(the reference is the base with the adapter disabled)"
+        )
+    if cfg.beta <= 0:
+        raise UserError(f"beta must be > 0, got {cfg.beta}")
+    if cfg.train.lr <= 0:
+        raise UserError(f"train.lr must be > 0, got {cfg.train.lr}")
+    if not cfg.data.path:
+        raise UserError("data.path is required: a preference file with prompt, chosen and rejected per record")
+
+
+def load_pairs(data: PreferenceData) -> list[dict]:
+    """The preference records of data.path; any other format is a user error."""
+    records = load_records(data.path, fmt=data.format, columns=data.columns or None)
+    if records[0]["format"] != "preference":
+        raise UserError(
+            f"{data.path} holds {records[0]['format']} records, not preference pairs: DPO needs prompt, chosen and "
+            "rejected (map yours with data.columns), or train it with lmforge finetune"
+        )
+    return records[: data.limit] if data.limit else records
+
+
+def run_dpo(cfg: DPOConfig) -> Path:
+    """Preference-tune a LoRA adapter, report forgetting, and write the output folder; returns its path."""
+    meter = RunMeter()
+    _check(cfg)
+    output, work = Path(cfg.output), Path(f"{cfg.output}.work")
+    if output.exists() and not (cfg.overwrite or cfg.resume):
+        raise UserError(f"output folder {output} exists: set overwrite: true (or --overwrite), or resume: true")
+    records = load_pairs(cfg.data)
+    train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
+    loaded = load_model(cfg.model)
+    tokenizer, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    train_rows = tokenize_pairs(train_records, tokenizer, cfg.data.max_length)
+    val_rows = tokenize_pairs(val_records, tokenizer, cfg.data.max_length)
+    tasks = [t for t in [cfg.eval.task] if t] + (["probe"] if cfg.eval.probe else [])
+    eval_kwargs = {"limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size, "footprint": False}
+    before = evaluate(loaded, tasks, **eval_kwargs) if tasks else None
+
+    torch.manual_seed(cfg.train.seed)  # the adapter's random init is part of the run's recipe
+    model = attach_lora(loaded.model, cfg.lora)
+    train_rows = add_reference_logprobs(model, train_rows, pad_id, cfg.train.batch_size)
+    val_rows = add_reference_logprobs(model, val_rows, pad_id, cfg.train.batch_size)
+    loss_fn = make_loss_fn(cfg.beta, cfg.loss_type)
+    if not cfg.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    score_val = preference_metrics(val_rows, pad_id, loss_fn, cfg.eval.batch_size) if val_rows else None
+    history = train(
+        model,
+        train_rows,
+        loss_fn,
+        lambda rows: collate_pairs(rows, pad_id),
+        cfg.train,
+        work,
+        evaluate=score_val,
+        resume=cfg.resume,
+        on_log=_print_progress(cfg.train.max_steps),
+    )
+    best = work / "best" / "trainable.safetensors"
+    if best.is_file():  # keep the best validation checkpoint, not the last step
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in load_file(best).items():
+                params[name].copy_(value)
+    model.eval()
+    preference = {"train": preference_metrics(train_rows[:256], pad_id, loss_fn, cfg.eval.batch_size)(model)}
+    if score_val:
+        with torch.no_grad():
+            preference["val"] = score_val(model)
+    loaded.model = model
+    after = evaluate(loaded, tasks, **eval_kwargs) if tasks else None
+    _print_forgetting(before, after)
+    method = f"dpo-{cfg.loss_type}"
+
+    with staged_output(output, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        config_io.dump(cfg, staging / "lmforge.yaml")
+        shutil.copy(work / "log.jsonl", staging / "log.jsonl")
+        record = run_record(
+            "finetune",
+            method,
+            meter,
+            inputs={"model": {"ref": cfg.model, "folder": str(loaded.folder)}},
+            data={"path": cfg.data.path, "train_records": len(train_records), "val_records": len(val_records)},
+            config=config_io.to_dict(cfg),
+            tokens_seen=sum(h.get("input_tokens", 0) for h in history if "loss" in h),
+            params_total=sum(p.numel() for p in model.parameters()),
+            params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            metrics=metrics_of(after) if after else {},
+        )
+        record["base_metrics"] = metrics_of(before) if before else {}
+        record["preference"] = preference
+        write_json(staging / "run.json", record)
+        (staging / "README.md").write_text(_model_card(cfg, preference, before, after), encoding="utf-8")
+    shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def _model_card(cfg: DPOConfig, preference: dict, before: dict | None, after: dict | None) -> str:
+    lines = [
+        f"# {Path(cfg.output).name}",
+        "",
+        f"Preference-tuned from `{cfg.model}` by lmforge (LoRA, {cfg.loss_type} loss, beta {cfg.beta}).",
+        "",
+        "| pairs | loss | reward accuracy | reward margin |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {split} | {m['loss']:.4f} | {m['reward_accuracy']:.3f} | {m['reward_margin']:+.4f} |"
+        for split, m in preference.items()
+    ]
+    lines += ["", "| task | metric | base | tuned | delta |", "|---|---|---|---|---|"]
+    lines += [f"| {t} | {m} | {b:.4f} | {r:.4f} | {r - b:+.4f} |" for t, m, b, r in _forgetting_rows(before, after)]
+    return "\n".join(lines + ["", "The full recipe is in lmforge.yaml; costs and scores in run.json."]) + "\n"
