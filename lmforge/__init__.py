@@ -17,6 +17,8 @@ _API = {
     "evaluate": "lmforge.eval.run:evaluate",
     "run_eval": "lmforge.eval.run:run_eval",
     "finetune": "lmforge.finetune.sft:finetune",
+    "dpo": "lmforge.finetune.dpo:dpo",
+    "tune": "lmforge.finetune.search:tune",
     "load_records": "lmforge.data.sources:load_records",
     "split_records": "lmforge.data.sources:split_records",
     "render_example": "lmforge.data.chat:render_example",

@@ -75,8 +75,6 @@ def finetune_command(
     """Supervised fine-tuning (LoRA or full) with a forgetting report; flags override the config file."""
     from lmforge.finetune.sft import finetune
 
-    args = list(args or [])
-    config = args.pop(0) if args and args[0].endswith((".yaml", ".yml")) else None
     flags = {
         "model": model,
         "data.task": task,
@@ -86,10 +84,63 @@ def finetune_command(
         "train.max_steps": steps,
         "train.lr": lr,
     }
-    overrides = args + [f"{key}={value}" for key, value in flags.items() if value is not None]
-    overrides += [f"{key}=true" for key, on in (("merge", merge), ("overwrite", overwrite), ("resume", resume)) if on]
+    config, overrides = _config_and_overrides(args, flags, {"merge": merge, "overwrite": overwrite, "resume": resume})
     folder = finetune(config, overrides)
     console.print(f"fine-tuned model in {folder}")
+
+
+@app.command("dpo")
+def dpo_command(
+    args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key.sub=value ...]")] = None,
+    model: Annotated[str | None, typer.Option(help="model reference (default: 'default')")] = None,
+    data: Annotated[str | None, typer.Option(help="preference data file (prompt, chosen, rejected)")] = None,
+    out: Annotated[str | None, typer.Option(help="output model folder")] = None,
+    loss: Annotated[str | None, typer.Option(help="sigmoid | ipo")] = None,
+    beta: Annotated[float | None, typer.Option(help="KL strength (> 0)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimiser steps")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+) -> None:
+    """Preference tuning (DPO or IPO) of a LoRA adapter; flags override the config file."""
+    from lmforge.finetune.dpo import dpo
+
+    flags = {
+        "model": model,
+        "data.path": data,
+        "output": out,
+        "loss_type": loss,
+        "beta": beta,
+        "train.max_steps": steps,
+        "train.lr": lr,
+    }
+    config, overrides = _config_and_overrides(args, flags, {"overwrite": overwrite, "resume": resume})
+    console.print(f"preference-tuned model in {dpo(config, overrides)}")
+
+
+@app.command("tune")
+def tune_command(
+    args: Annotated[list[str], typer.Argument(help="CONFIG.yaml [key.sub=value ...]")],
+    trials: Annotated[int | None, typer.Option(help="trials in the study, in total")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the study in the output folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder and its study")] = False,
+) -> None:
+    """Search SFT hyperparameters (Optuna TPE, median pruning); the best trial goes to <output>/best."""
+    from lmforge.finetune.search import tune
+
+    config, overrides = _config_and_overrides(args, {"trials": trials}, {"resume": resume, "overwrite": overwrite})
+    results = tune(config, overrides)
+    console.print(f"best trial {results.best_trial} (val_loss {results.best_value:.4f}) in {results.best}")
+
+
+def _config_and_overrides(
+    args: list[str] | None, flags: dict[str, object], switches: dict[str, bool]
+) -> tuple[str | None, list[str]]:
+    """Split `[CONFIG.yaml] [key=value ...]` and turn set flags into key=value overrides (flags win)."""
+    args = list(args or [])
+    config = args.pop(0) if args and args[0].endswith((".yaml", ".yml")) else None
+    overrides = args + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    return config, overrides + [f"{key}=true" for key, on in switches.items() if on]
 
 
 @app.command("tasks")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lmforge.data.chat import IGNORE_INDEX
 from lmforge.models.load import load_model
-from lmforge.train.chunked import causal_lm_loss, chunked_cross_entropy
+from lmforge.train.chunked import causal_lm_loss, chunked_cross_entropy, sequence_logprobs
 
 VOCAB, DIM = 300, 32
 
@@ -154,5 +154,27 @@ def test_causal_lm_loss_matches_the_models_own_logits_for_every_parameter(tiny_l
     assert metrics["loss"] == pytest.approx(ref_loss.item() / 17, rel=1e-5)
     _close(loss, ref_loss)
     assert grads.keys() == ref_grads.keys() and len(grads) == 21
+    for name, grad in grads.items():
+        _close(grad, ref_grads[name])
+
+
+@pytest.mark.parametrize("logit_transform", [False, True])
+def test_sequence_logprobs_match_full_logits_per_row_with_gradients(tiny_llama, logit_transform):
+    loaded = load_model(tiny_llama)
+    model = loaded.model.train()
+    if logit_transform:
+        model.config.final_logit_softcapping = 30.0
+    batch = _tiny_batch(loaded.tokenizer)
+    batch["labels"][1, :] = IGNORE_INDEX  # a row with nothing scored gives 0
+    weights = torch.tensor([0.7, -1.3])  # distinct upstream gradients per row, as DPO gives them
+    got = sequence_logprobs(model, batch, chunk_size=3)
+    grads = _model_grads(model, (got * weights).sum())
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    picked = logits[:, :-1].float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    want = (picked * (labels != IGNORE_INDEX)).sum(-1)  # (batch,)
+    ref_grads = _model_grads(model, (want * weights).sum())
+    assert got.shape == (2,) and got[1].item() == 0.0
+    _close(got, want)
     for name, grad in grads.items():
         _close(grad, ref_grads[name])

@@ -23,7 +23,10 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("verb", [[], ["eval"], ["tasks"], ["data"], ["data", "export"], ["data", "preview"]])
+@pytest.mark.parametrize(
+    "verb",
+    [[], ["eval"], ["tasks"], ["data"], ["data", "export"], ["data", "preview"], ["finetune"], ["dpo"], ["tune"]],
+)
 def test_help_on_every_verb(monkeypatch, capsys, verb):
     code, out, _ = run_cli(monkeypatch, capsys, *verb, "--help")
     assert code == 0 and "Usage" in out
@@ -146,3 +149,33 @@ def test_installed_entry_point_reports_errors_in_one_line(tmp_path):
         timeout=120,
     )
     assert_one_line_error(result.returncode, result.stderr, "not found")
+
+
+def test_finetune_flags_and_overrides(monkeypatch, capsys, tiny_llama, tmp_path):
+    out = tmp_path / "ft"
+    code, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        "finetune",
+        f"model={tiny_llama}",
+        "data.limit=24",
+        "eval.limit=2",
+        "eval.probe=false",
+        "--task",
+        "dates",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--lr",
+        "1e-3",
+    )
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").is_file() and "fine-tuned model in" in stdout
+
+
+def test_finetune_unknown_key_is_one_line(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(
+        monkeypatch, capsys, "finetune", "train.lrate=1e-3", "--task", "dates", "--out", str(tmp_path / "ft")
+    )
+    assert_one_line_error(code, err, "unknown key 'train.lrate'", "did you mean 'train.lr'")

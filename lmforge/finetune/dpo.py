@@ -40,13 +40,17 @@ from lmforge.train.loop import TrainConfig, train
 log = logging.getLogger("lmforge.dpo")
 
 
-def sigmoid_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float):
+def sigmoid_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> Tensor:
     """DPO: -log sigmoid(beta * ((pc - rc) - (pr - rr))) [Rafailov et al. 2023, eq. 7]."""
     logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     return -F.logsigmoid(beta * logits)
 
 
-def ipo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float):
+def ipo_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> Tensor:
     """IPO: (logits - 1 / (2 beta))^2, beta playing the paper's tau [Azar et al. 2023, eq. 17]: a bounded target
     margin instead of DPO's push to infinity on deterministic preferences."""
     logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)

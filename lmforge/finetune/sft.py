@@ -10,9 +10,11 @@ log.jsonl and a model card. Interrupted runs resume from `<output>.work/` with `
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,7 +30,7 @@ from lmforge.data.sources import load_records, split_records
 from lmforge.errors import UserError
 from lmforge.eval.run import evaluate, metrics_of
 from lmforge.finetune.lora import LoraSettings, attach_lora, merge_and_verify
-from lmforge.models.load import load_model
+from lmforge.models.load import LoadedModel, load_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, write_json
 from lmforge.train.chunked import causal_lm_loss
@@ -159,8 +161,13 @@ def finetune(config: str | Path | SFTConfig | None = None, overrides: Sequence[s
     return run_sft(config_io.load(config, SFTConfig, overrides))
 
 
-def run_sft(cfg: SFTConfig) -> Path:
-    """Fine-tune, report forgetting, and write the output folder; returns its path."""
+def run_sft(cfg: SFTConfig, loaded: LoadedModel | None = None, on_log: Callable[[dict], None] | None = None) -> Path:
+    """Fine-tune, report forgetting, and write the output folder; returns its path.
+
+    `loaded` is a base model reused across runs (`lmforge tune` loads it once per study) and is left as it
+    came: LoRA trains on it and unloads the adapter afterwards, even on error (the base weights stay frozen),
+    while full and merged runs train a deep copy. `on_log` also receives every log record of the loop.
+    """
     meter = RunMeter()
     if cfg.train.lr <= 0:
         raise UserError(f"train.lr must be > 0, got {cfg.train.lr}")
@@ -169,7 +176,12 @@ def run_sft(cfg: SFTConfig) -> Path:
         raise UserError(f"output folder {output} exists: set overwrite: true (or --overwrite), or resume: true")
     records = load_records_for(cfg)
     train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
-    loaded = load_model(cfg.model)
+    shared = loaded is not None
+    if loaded is None:
+        loaded = load_model(cfg.model)
+    else:  # a shallow copy, so `loaded.model = model` below leaves the caller's record alone
+        copy_base = cfg.method == "full" or cfg.merge  # these change the base weights in place
+        loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model) if copy_base else loaded.model)
     tokenizer = loaded.tokenizer
     train_rows = tokenize(train_records, tokenizer, cfg.data)
     val_rows = tokenize(val_records, tokenizer, cfg.data) if val_records else []
@@ -182,70 +194,76 @@ def run_sft(cfg: SFTConfig) -> Path:
 
     torch.manual_seed(cfg.train.seed)  # the adapter's random init is part of the run's recipe
     model = attach_lora(loaded.model, cfg.lora) if cfg.method == "lora" else loaded.model.requires_grad_(True)
-    if not cfg.resume:
-        shutil.rmtree(work, ignore_errors=True)
-    history = train(
-        model,
-        train_rows,
-        causal_lm_loss,
-        lambda rows: collate(rows, tokenizer.pad_token_id),
-        cfg.train,
-        work,
-        evaluate=validation_loss(val_rows, tokenizer.pad_token_id) if val_rows else None,
-        resume=cfg.resume,
-        on_log=_print_progress(cfg.train.max_steps),
-    )
-    best = work / "best" / "trainable.safetensors"
-    if best.is_file():  # keep the best validation checkpoint, not the last step
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in load_file(best).items():
-                params[name].copy_(value)
-    model.eval()
-    loaded.model = model
-    after = (
-        evaluate(loaded, tasks, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size, footprint=False)
-        if tasks
-        else None
-    )
-    _print_forgetting(before, after)
-
-    with staged_output(output, overwrite=True) as staging:
-        final = model
-        if cfg.method == "lora" and cfg.merge:
-            checks = [collate(val_rows[:4] or train_rows[:4], tokenizer.pad_token_id)]
-            final = merge_and_verify(model, checks)
-        final.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        config_io.dump(cfg, staging / "lmforge.yaml")
-        shutil.copy(work / "log.jsonl", staging / "log.jsonl")
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        record = run_record(
-            "finetune",
-            f"sft-{cfg.method}",
-            meter,
-            inputs={"model": {"ref": cfg.model, "folder": str(loaded.folder)}},
-            data={
-                "path": cfg.data.path,
-                "task": cfg.data.task,
-                "train_records": len(train_records),
-                "val_records": len(val_records),
-            },
-            config=config_io.to_dict(cfg),
-            tokens_seen=sum(h.get("input_tokens", 0) for h in history if "loss" in h),
-            params_total=sum(p.numel() for p in final.parameters()),
-            params_trainable=trainable,
-            metrics=metrics_of(after) if after else {},
+    try:
+        if not cfg.resume:
+            shutil.rmtree(work, ignore_errors=True)
+        history = train(
+            model,
+            train_rows,
+            causal_lm_loss,
+            lambda rows: collate(rows, tokenizer.pad_token_id),
+            cfg.train,
+            work,
+            evaluate=validation_loss(val_rows, tokenizer.pad_token_id) if val_rows else None,
+            resume=cfg.resume,
+            on_log=_print_progress(cfg.train.max_steps, on_log),
         )
-        record["base_metrics"] = metrics_of(before) if before else {}
-        write_json(staging / "run.json", record)
-        (staging / "README.md").write_text(_model_card(cfg, before, after), encoding="utf-8")
-    shutil.rmtree(work, ignore_errors=True)
-    return output
+        best = work / "best" / "trainable.safetensors"
+        if best.is_file():  # keep the best validation checkpoint, not the last step
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in load_file(best).items():
+                    params[name].copy_(value)
+        model.eval()
+        loaded.model = model
+        after = (
+            evaluate(loaded, tasks, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size, footprint=False)
+            if tasks
+            else None
+        )
+        _print_forgetting(before, after)
+
+        with staged_output(output, overwrite=True) as staging:
+            final = model
+            if cfg.method == "lora" and cfg.merge:
+                checks = [collate(val_rows[:4] or train_rows[:4], tokenizer.pad_token_id)]
+                final = merge_and_verify(model, checks)
+            final.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            config_io.dump(cfg, staging / "lmforge.yaml")
+            shutil.copy(work / "log.jsonl", staging / "log.jsonl")
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            record = run_record(
+                "finetune",
+                f"sft-{cfg.method}",
+                meter,
+                inputs={"model": {"ref": cfg.model, "folder": str(loaded.folder)}},
+                data={
+                    "path": cfg.data.path,
+                    "task": cfg.data.task,
+                    "train_records": len(train_records),
+                    "val_records": len(val_records),
+                },
+                config=config_io.to_dict(cfg),
+                tokens_seen=sum(h.get("input_tokens", 0) for h in history if "loss" in h),
+                params_total=sum(p.numel() for p in final.parameters()),
+                params_trainable=trainable,
+                metrics=metrics_of(after) if after else {},
+            )
+            record["base_metrics"] = metrics_of(before) if before else {}
+            write_json(staging / "run.json", record)
+            (staging / "README.md").write_text(_model_card(cfg, before, after), encoding="utf-8")
+        shutil.rmtree(work, ignore_errors=True)
+        return output
+    finally:
+        if shared and cfg.method == "lora" and not cfg.merge:
+            model.unload().eval()  # hand the shared base back without LoRA layers
 
 
-def _print_progress(max_steps: int):
+def _print_progress(max_steps: int, also: Callable[[dict], None] | None = None):
     def show(entry: dict) -> None:
+        if also is not None:
+            also(entry)
         if "loss" in entry:
             log.info(
                 "step %d/%d  loss %.4f  lr %.2e  %.1fs",
