@@ -124,3 +124,14 @@ def test_log_counts_trained_and_input_tokens(tiny_llama, rows, tmp_path):
     step_rows = [rows[i] for i in _order(len(rows), seed=0, epoch=0)[:4]]
     assert entry["input_tokens"] == sum(len(r["input_ids"]) for r in step_rows)
     assert entry["tokens"] == sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in step_rows)
+
+
+def test_tensorboard_scalars_are_written(tiny_llama, rows, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(max_steps=2, batch_size=4, save_every=100, tensorboard=True)
+    train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path, evaluate=lambda m: {"val_loss": 1.0})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert events.Scalars("eval/val_loss")[0].value == 1.0

@@ -261,17 +261,25 @@ def run_sft(cfg: SFTConfig, loaded: LoadedModel | None = None, on_log: Callable[
 
 
 def _print_progress(max_steps: int, also: Callable[[dict], None] | None = None):
+    """Log each step with loss, throughput and time left, and each evaluation; then call `also`."""
+    seen = {"input_tokens": 0}
+
     def show(entry: dict) -> None:
         if also is not None:
             also(entry)
         if "loss" in entry:
+            seen["input_tokens"] += entry.get("input_tokens", 0)
+            elapsed = max(entry["elapsed_s"], 1e-9)
+            eta = elapsed / entry["step"] * (max_steps - entry["step"])
             log.info(
-                "step %d/%d  loss %.4f  lr %.2e  %.1fs",
+                "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %.0fs elapsed  ETA %.0fs",
                 entry["step"],
                 max_steps,
                 entry["loss"],
                 entry["lr"],
-                entry["elapsed_s"],
+                seen["input_tokens"] / elapsed,
+                elapsed,
+                eta,
             )
         elif "eval" in entry:
             log.info("step %d  eval %s", entry["step"], entry["eval"])

@@ -57,6 +57,8 @@ class TrainConfig:
     """Write a resumable checkpoint every N steps."""
     seed: int = 0
     """Seeds the data order and every random draw."""
+    tensorboard: bool = False
+    """Also write the log as TensorBoard scalars to work_dir/tensorboard (needs `pip install tensorboard`)."""
 
 
 @dataclass
@@ -192,11 +194,18 @@ def train(
     log_path = work_dir / "log.jsonl"
     history: list[dict] = []
 
+    board = _tensorboard(work_dir) if cfg.tensorboard and accelerator.is_main_process else None
+
     def record(entry: dict) -> None:
         history.append(entry)
         if accelerator.is_main_process:
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
+            if board is not None:
+                scalars = entry.get("eval", entry)
+                for name, value in scalars.items():
+                    if isinstance(value, int | float) and name != "step":
+                        board.add_scalar(("eval/" if "eval" in entry else "train/") + name, value, entry["step"])
             if on_log:
                 on_log(entry)
 
@@ -261,6 +270,17 @@ def train(
         save_checkpoint(checkpoint, model, optimizer, state)
     model.eval()
     return history
+
+
+def _tensorboard(work_dir: Path):
+    """A SummaryWriter, or one clear line saying how to get one."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from lmforge.errors import UserError
+
+        raise UserError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(work_dir / "tensorboard"))
 
 
 def _sum_gradients(model: torch.nn.Module, accelerator: Accelerator) -> None:
