@@ -225,6 +225,15 @@ def main() -> None:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under torchrun, leave the process group before exiting: gloo aborts a process that exits inside one."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def main() -> None:
         cfg,
         out / f"work-rank{rank}",
     )
+    if torch.distributed.is_initialized():  # a gloo process that exits with its group alive may abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if rank == 0:
         (out / "history.json").write_text(json.dumps(history))
         save_file({k: v.detach().contiguous() for k, v in loaded.model.named_parameters()}, out / "weights.safetensors")
