@@ -34,21 +34,19 @@ import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import peers
+
 ROOT = Path(__file__).resolve().parent.parent
 PEER = "lm-eval[hf]==0.4.13"
-TORCH = "torch==2.13.0"  # the CPU wheel on this machine's disk; a bare torch requirement pulls a CUDA build
 SHARED_PINS = ("transformers", "tokenizers", "accelerate")  # pinned in the peer venv to lmforge's versions
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -80,29 +78,6 @@ class RunResult:
 
 
 # ---------------------------------------------------------------- setup
-
-
-def ensure_peer_venv(venv: Path) -> Path:
-    """Create (or reuse) the peer's virtualenv and return its lm_eval executable."""
-    python, lm_eval = venv / "bin" / "python", venv / "bin" / "lm_eval"
-    if lm_eval.is_file() and _installed_version(python, "lm_eval") == PEER.split("==")[1]:
-        return lm_eval
-    print(f"installing {PEER} into {venv} (a few minutes) ...", flush=True)
-    if not python.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, TORCH], check=True)  # first, so lm-eval's torch requirement is already met
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in SHARED_PINS]
-    subprocess.run([*pip, PEER, *pins], check=True)
-    return lm_eval
-
-
-def _installed_version(python: Path, distribution: str) -> str | None:
-    if not python.is_file():
-        return None
-    code = f"import importlib.metadata as m; print(m.version({distribution!r}))"
-    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def write_records(workdir: Path, limit: int) -> dict[str, list[dict]]:
@@ -170,25 +145,6 @@ def write_lmeval_tasks(workdir: Path) -> Path:
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def measure(command: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[float, float, float]:
-    """Run `command` to completion: (wall seconds, CPU seconds, peak RSS MB of the child and its descendants)."""
-    with open(log, "w") as handle:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
-        timer = threading.Timer(timeout_s, child.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{command[0]} exited with {child.returncode}; last lines of {log}:\n{tail}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
 def lmforge_command(python: Path, folder: Path, work: Workload, out: Path, batch_size: int) -> list[str]:
@@ -406,17 +362,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="default", help="lmforge model reference; both tools load its folder")
     parser.add_argument("--workloads", nargs="+", default=["probe", "dates"], choices=["probe", "dates"])
     parser.add_argument("--peer-venv", type=Path, default=ROOT / "bench" / ".venv-lmeval")
-    parser.add_argument("--lmforge-python", type=Path, default=_main_python())
+    parser.add_argument("--lmforge-python", type=Path, default=peers.main_python())
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "eval_vs_lmeval.json")
     parser.add_argument("--threads", type=int, help="OMP/MKL threads for both tools (default: their own choice)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a child run is killed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, outputs)")
     return parser.parse_args(argv)
-
-
-def _main_python() -> Path:
-    venv_python = ROOT / ".venv" / "bin" / "python"
-    return venv_python if venv_python.is_file() else Path(sys.executable)
 
 
 def run_pair(
@@ -438,7 +389,7 @@ def run_pair(
             command = lmeval_command(lm_eval, folder, work, tasks, out, args.batch_size)
         print(f"[{repeat + 1}/{args.repeats}] {work.name:<6} {tool:<8} ...", end=" ", flush=True)
         load = os.getloadavg()[0]  # other work on a shared machine shows here
-        wall, cpu, rss = measure(command, env, run_dir / "log.txt", args.timeout)
+        wall, cpu, rss = peers.measure(command, env, run_dir / "log.txt", args.timeout)
         reader = read_lmforge if tool == "lmforge" else read_lmeval
         task = work.lmforge_task if tool == "lmforge" else work.lmeval_task
         metrics, rows, scoring_s = reader(out, task, run_dir / "log.txt")
@@ -455,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.models.load import resolve_model
 
     folder = resolve_model(args.model)  # both tools load this folder (no per-run GGUF hashing for lmforge)
-    lm_eval = ensure_peer_venv(args.peer_venv)
+    lm_eval = peers.ensure_peer_venv(args.peer_venv, PEER, "lm_eval", SHARED_PINS).parent / "lm_eval"
     workdir = Path(tempfile.mkdtemp(prefix="eval_vs_lmeval-"))
     try:
         records = write_records(workdir, args.limit)
@@ -509,10 +460,12 @@ def write_report(args, folder: Path, lm_eval: Path, summary: dict, comparisons: 
             "device": "cpu",
             "threads": args.threads,
         },
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": peers.machine(),
         "versions": {
             "lmforge": {n: importlib.metadata.version(n) for n in ("lmforge", "torch", *SHARED_PINS)},
-            "lm-eval": {n: _installed_version(peer_python, n) for n in ("lm_eval", "torch", "datasets", *SHARED_PINS)},
+            "lm-eval": {
+                n: peers.installed_version(peer_python, n) for n in ("lm_eval", "torch", "datasets", *SHARED_PINS)
+            },
         },
         "summary": summary,
         "comparisons": comparisons,

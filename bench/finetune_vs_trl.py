@@ -40,20 +40,18 @@ import importlib.metadata
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import peers
+
 ROOT = Path(__file__).resolve().parent.parent
 PEER = "trl==1.16.0"
-TORCH = "torch==2.13.0"  # the CPU wheel on this machine's disk; a bare torch requirement pulls a CUDA build
 SHARED_PINS = ("transformers", "tokenizers", "accelerate", "peft")  # pinned in the peer venv to lmforge's versions
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TOOLS = ("lmforge", "trl")
@@ -190,29 +188,6 @@ class RunResult:
 # ---------------------------------------------------------------- setup
 
 
-def ensure_peer_venv(venv: Path) -> Path:
-    """Create (or reuse) the TRL virtualenv and return its python."""
-    python = venv / "bin" / "python"
-    if _installed_version(python, "trl") == PEER.split("==")[1]:
-        return python
-    print(f"installing {PEER} into {venv} (a few minutes) ...", flush=True)
-    if not python.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, TORCH], check=True)  # first, so trl's (transitive) torch requirement is already met
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in SHARED_PINS]
-    subprocess.run([*pip, PEER, *pins], check=True)
-    return python
-
-
-def _installed_version(python: Path, distribution: str) -> str | None:
-    if not python.is_file():
-        return None
-    code = f"import importlib.metadata as m; print(m.version({distribution!r}))"
-    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def make_records(n_train: int, n_val: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
     """(all records, train, validation): lmforge's own split of the first n_train + n_val `dates` records."""
     from lmforge.data import synthetic
@@ -286,25 +261,6 @@ def trl_spec(args: argparse.Namespace, folder: Path, train: list[dict], run_dir:
 # ---------------------------------------------------------------- measuring
 
 
-def measure(command: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[float, float, float]:
-    """Run `command` to completion: (wall seconds, CPU seconds, peak RSS MB of the child and its descendants)."""
-    with open(log, "w") as handle:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
-        timer = threading.Timer(timeout_s, child.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{command[0]} exited with {code}; last lines of {log}:\n{tail}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
-
-
 def read_lmforge_log(output: Path) -> tuple[float, int, dict]:
     """(training-loop seconds, input tokens, extras) from lmforge's log.jsonl."""
     entries = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines() if line]
@@ -337,7 +293,7 @@ def run_tool(tool: str, repeat: int, args: argparse.Namespace, folder: Path, pee
         command = [str(peer), str(workdir / "trl_sft.py"), str(spec)]
     print(f"[{repeat + 1}/{args.repeats}] {tool:<8} ...", end=" ", flush=True)
     load = os.getloadavg()[0]  # other work on a shared machine shows here
-    wall, cpu, rss = measure(command, env, run_dir / "log.txt", args.timeout)
+    wall, cpu, rss = peers.measure(command, env, run_dir / "log.txt", args.timeout)
     if tool == "lmforge":
         train_s, tokens, extra = read_lmforge_log(run_dir / "adapter")
     else:
@@ -488,17 +444,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool, order alternating (default 1)")
     parser.add_argument("--model", default="default", help="lmforge model reference; both tools load its folder")
     parser.add_argument("--peer-venv", type=Path, default=ROOT / "bench" / ".venv-trl")
-    parser.add_argument("--lmforge-python", type=Path, default=_main_python())
+    parser.add_argument("--lmforge-python", type=Path, default=peers.main_python())
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "finetune_vs_trl.json")
     parser.add_argument("--threads", type=int, help="OMP/MKL threads for both tools (default: their own choice)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a child run is killed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, adapters)")
     return parser.parse_args(argv)
-
-
-def _main_python() -> Path:
-    venv_python = ROOT / ".venv" / "bin" / "python"
-    return venv_python if venv_python.is_file() else Path(sys.executable)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.models.load import resolve_model
 
     folder = resolve_model(args.model)  # both tools load this folder (no per-run GGUF hashing for lmforge)
-    peer = ensure_peer_venv(args.peer_venv)
+    peer = peers.ensure_peer_venv(args.peer_venv, PEER, "trl", SHARED_PINS)
     workdir = Path(tempfile.mkdtemp(prefix="finetune_vs_trl-"))
     try:
         records, train, val = make_records(args.train, args.val, args.seed)
@@ -567,10 +518,10 @@ def write_report(
             "threads": args.threads,
             "repeats": args.repeats,
         },
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": peers.machine(),
         "versions": {
             "lmforge": {n: importlib.metadata.version(n) for n in ("lmforge", "torch", *SHARED_PINS)},
-            "trl": {n: _installed_version(peer, n) for n in ("trl", "torch", "datasets", *SHARED_PINS)},
+            "trl": {n: peers.installed_version(peer, n) for n in ("trl", "torch", "datasets", *SHARED_PINS)},
         },
         "summary": summary,
         "tokenisation": tokenisation,

@@ -1,0 +1,74 @@
+"""What every peer benchmark needs: the peer in its own virtualenv, and a child process measured alone.
+
+`ensure_peer_venv` installs the CPU torch wheel first (a bare torch requirement pulls a multi-GB CUDA
+build), then the peer with the libraries both sides share pinned to lmforge's versions, so a comparison is
+between the tools, not library releases. `measure` runs one command and reads its wall time, CPU time and
+peak RSS from os.wait4, so each tool is measured in a process of its own.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCH = "torch==2.13.0"  # the CPU wheel on this machine's disk; a bare torch requirement pulls a CUDA build
+
+
+def installed_version(python: Path, distribution: str) -> str | None:
+    """Version of `distribution` in the environment of `python`, or None."""
+    if not python.is_file():
+        return None
+    code = f"import importlib.metadata as m; print(m.version({distribution!r}))"
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def ensure_peer_venv(venv: Path, peer: str, distribution: str, shared_pins: tuple[str, ...]) -> Path:
+    """Create (or reuse) the peer's virtualenv holding `peer` (a pip spec NAME==VERSION); return its python."""
+    python = venv / "bin" / "python"
+    if installed_version(python, distribution) == peer.split("==")[1]:
+        return python
+    print(f"installing {peer} into {venv} (a few minutes) ...", flush=True)
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, TORCH], check=True)  # first, so the peer's torch requirement is already met
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in shared_pins]
+    subprocess.run([*pip, peer, *pins], check=True)
+    return python
+
+
+def measure(command: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[float, float, float]:
+    """Run `command` to completion: (wall seconds, CPU seconds, peak RSS MB of the child and its descendants)."""
+    with open(log, "w") as handle:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        timer = threading.Timer(timeout_s, child.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"{command[0]} exited with {code}; last lines of {log}:\n{tail}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+def main_python() -> Path:
+    """lmforge's own interpreter: the project virtualenv when it exists."""
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    return venv_python if venv_python.is_file() else Path(sys.executable)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
