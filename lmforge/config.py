@@ -98,6 +98,15 @@ def load(path: str | Path | None, cls: type[T], overrides: Sequence[str] = ()) -
     return _build(data, cls, "", _Origin(label, tuple(keys)))
 
 
+def resolve(config: str | Path | T | None, cls: type[T], overrides: Sequence[str] = ()) -> T:
+    """What every command's Python entry point takes: a YAML path (or None) plus overrides, or a built config."""
+    if isinstance(config, cls):
+        if overrides:
+            raise TypeError(f"overrides apply to a YAML config; use dataclasses.replace on a {cls.__name__}")
+        return config
+    return load(config, cls, overrides)
+
+
 def from_dict(data: Mapping[str, Any], cls: type[T], where: str = "config") -> T:
     """Build `cls` from plain data (parsed YAML), checking every key and type against its field hints.
 

@@ -212,3 +212,14 @@ def test_missing_file_and_bad_arguments(tmp_path):
         config.load(None, Top, "model=m")
     with pytest.raises(UserError, match=r"^here: the top level must be a mapping"):
         config.from_dict([1], Top, where="here")
+
+
+def test_resolve_takes_a_path_none_or_a_built_config(tmp_path):
+    built = config.load(None, Top, ["model=m"])
+    assert config.resolve(built, Top) is built
+    assert config.resolve(None, Top, ["model=m"]) == built
+    path = tmp_path / "c.yaml"
+    config.dump(built, path)
+    assert config.resolve(path, Top) == built
+    with pytest.raises(TypeError, match="dataclasses.replace"):
+        config.resolve(built, Top, ["model=x"])

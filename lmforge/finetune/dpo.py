@@ -239,11 +239,7 @@ def preference_metrics(rows: list[dict], pad_id: int, loss_fn, batch_size: int =
 
 def dpo(config: str | Path | DPOConfig | None = None, overrides: Sequence[str] = ()) -> Path:
     """Python entry point: a YAML path (or a DPOConfig) plus key.sub=value overrides."""
-    if isinstance(config, DPOConfig):
-        if overrides:
-            raise TypeError("overrides apply to a YAML config; use dataclasses.replace on a DPOConfig")
-        return run_dpo(config)
-    return run_dpo(config_io.load(config, DPOConfig, overrides))
+    return run_dpo(config_io.resolve(config, DPOConfig, overrides))
 
 
 def _check(cfg: DPOConfig) -> None:

@@ -95,11 +95,7 @@ def sample_overrides(trial: optuna.Trial, space: SearchSpace, lora: bool = True)
 
 def tune(config: str | Path | TuneConfig | None = None, overrides: Sequence[str] = ()) -> TuneResults:
     """Python entry point: a YAML path (or a TuneConfig, or nothing) plus key.sub=value overrides."""
-    if isinstance(config, TuneConfig):
-        if overrides:
-            raise TypeError("overrides apply to a YAML config; use dataclasses.replace on a TuneConfig")
-        return run_tune(config)
-    return run_tune(config_io.load(config, TuneConfig, overrides))
+    return run_tune(config_io.resolve(config, TuneConfig, overrides))
 
 
 def run_tune(cfg: TuneConfig, console: Console | None = None) -> TuneResults:

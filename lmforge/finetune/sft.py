@@ -154,11 +154,7 @@ def validation_loss(rows: list[dict], pad_id: int, batch_size: int = 8):
 
 def finetune(config: str | Path | SFTConfig | None = None, overrides: Sequence[str] = ()) -> Path:
     """Python entry point: a YAML path (or an SFTConfig, or nothing) plus key.sub=value overrides."""
-    if isinstance(config, SFTConfig):
-        if overrides:
-            raise TypeError("overrides apply to a YAML config; use dataclasses.replace on an SFTConfig")
-        return run_sft(config)
-    return run_sft(config_io.load(config, SFTConfig, overrides))
+    return run_sft(config_io.resolve(config, SFTConfig, overrides))
 
 
 def run_sft(cfg: SFTConfig, loaded: LoadedModel | None = None, on_log: Callable[[dict], None] | None = None) -> Path:
