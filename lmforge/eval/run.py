@@ -24,7 +24,7 @@ from lmforge.errors import UserError
 from lmforge.eval import scoring
 from lmforge.eval.speed import measure_footprint
 from lmforge.eval.tasks import Task, get_task
-from lmforge.models.load import LoadedModel, file_sha256, load_model, resolve_model
+from lmforge.models.load import LoadedModel, file_sha256, load_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, versions, write_json
 
@@ -228,7 +228,7 @@ def run_eval(
                 "model": {
                     "ref": model_ref,
                     "folder": results["config"]["model_folder"],
-                    "fingerprint": _fingerprint(model_ref),
+                    "fingerprint": _fingerprint(Path(results["config"]["model_folder"])),
                 }
             },
             data={task: results["versions"][task] for task in results["results"]},
@@ -241,9 +241,11 @@ def run_eval(
     return out, results
 
 
-def _fingerprint(model_ref: str) -> str:
-    """Content hash of the weights: the GGUF file's hash for converted folders, else the safetensors files'."""
-    folder = resolve_model(model_ref)
+def _fingerprint(folder: Path) -> str:
+    """Content hash of the weights: the GGUF file's hash for converted folders, else the safetensors files'.
+
+    Takes the folder evaluate() already resolved: resolving again would re-hash a GGUF file.
+    """
     source = folder / "lmforge_source.json"
     if source.is_file():
         return "gguf-sha256:" + json.loads(source.read_text())["sha256_16"]
