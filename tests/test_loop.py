@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from lmforge.data.chat import IGNORE_INDEX, render_example
 from lmforge.models.load import load_model
-from lmforge.train.loop import TrainConfig, _order, learning_rate_factor, train
+from lmforge.train.loop import TrainConfig, _order, learning_rate_factor, restore_best, train
 
 
 def plain_loss(model, batch):
@@ -93,13 +94,16 @@ def test_resume_after_kill_gives_the_same_losses(tiny_llama, rows, tmp_path):
 def test_early_stopping_and_best_checkpoint(tiny_llama, rows, tmp_path):
     scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
     cfg = TrainConfig(lr=1e-3, max_steps=20, batch_size=4, eval_every=1, patience=2, save_every=100)
-    history = train(
-        fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path, evaluate=lambda m: {"loss": next(scores)}
-    )
+    model = fresh(tiny_llama)
+    history = train(model, rows, plain_loss, collate, cfg, tmp_path, evaluate=lambda m: {"loss": next(scores)})
     evals = [h for h in history if "eval" in h]
     assert len(evals) == 4  # 3.0, 2.0 (best), then two without gain
     assert evals[-1]["best_step"] == 2
-    assert (tmp_path / "best" / "trainable.safetensors").is_file()
+    best = load_file(tmp_path / "best" / "trainable.safetensors")
+    assert any(not torch.equal(best[k], v) for k, v in weights(model).items())  # training went on past step 2
+    assert restore_best(model, tmp_path)
+    assert all(torch.equal(best[k], v) for k, v in weights(model).items())
+    assert not restore_best(model, tmp_path / "elsewhere")
 
 
 def test_no_trainable_tokens_is_an_error(tiny_llama, rows, tmp_path):

@@ -21,7 +21,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor
 
 from lmforge import config as config_io
@@ -35,7 +34,7 @@ from lmforge.models.load import load_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, write_json
 from lmforge.train.chunked import sequence_logprobs
-from lmforge.train.loop import TrainConfig, train
+from lmforge.train.loop import TrainConfig, restore_best, train
 
 log = logging.getLogger("lmforge.dpo")
 
@@ -303,12 +302,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
         resume=cfg.resume,
         on_log=_print_progress(cfg.train.max_steps),
     )
-    best = work / "best" / "trainable.safetensors"
-    if best.is_file():  # keep the best validation checkpoint, not the last step
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in load_file(best).items():
-                params[name].copy_(value)
+    restore_best(model, work)  # keep the best validation checkpoint, not the last step
     model.eval()
     preference = {"train": preference_metrics(train_rows[:256], pad_id, loss_fn, cfg.eval.batch_size)(model)}
     if score_val:

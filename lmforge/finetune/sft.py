@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 
 from lmforge import config as config_io
 from lmforge.data import synthetic
@@ -34,7 +33,7 @@ from lmforge.models.load import LoadedModel, load_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, write_json
 from lmforge.train.chunked import causal_lm_loss
-from lmforge.train.loop import TrainConfig, train
+from lmforge.train.loop import TrainConfig, restore_best, train
 
 log = logging.getLogger("lmforge.finetune")
 
@@ -204,12 +203,7 @@ def run_sft(cfg: SFTConfig, loaded: LoadedModel | None = None, on_log: Callable[
             resume=cfg.resume,
             on_log=_print_progress(cfg.train.max_steps, on_log),
         )
-        best = work / "best" / "trainable.safetensors"
-        if best.is_file():  # keep the best validation checkpoint, not the last step
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in load_file(best).items():
-                    params[name].copy_(value)
+        restore_best(model, work)  # keep the best validation checkpoint, not the last step
         model.eval()
         loaded.model = model
         after = (

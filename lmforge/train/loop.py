@@ -134,16 +134,29 @@ def save_checkpoint(folder: Path, model, optimizer, state: TrainState) -> None:
     staging.rename(folder)
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
-    """Restore what save_checkpoint wrote (pickles only with weights_only=True)."""
-    weights = load_file(folder / "trainable.safetensors")
+def load_trainable(model: torch.nn.Module, file: Path) -> None:
+    """Copy saved trainable tensors (a checkpoint's or the best evaluation's) back into the model."""
+    weights = load_file(file)
     params = _trainable(model)
     missing = set(params) - set(weights)
     if missing:
-        raise ValueError(f"checkpoint {folder} lacks trainable tensors {sorted(missing)[:3]}")
+        raise ValueError(f"{file} lacks trainable tensors {sorted(missing)[:3]}")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
+
+
+def restore_best(model: torch.nn.Module, work_dir: str | Path) -> bool:
+    """Load the best evaluation's weights kept by `train` into the model; False when none were kept."""
+    best = Path(work_dir) / "best" / "trainable.safetensors"
+    if best.is_file():
+        load_trainable(model, best)
+    return best.is_file()
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
+    """Restore what save_checkpoint wrote (pickles only with weights_only=True)."""
+    load_trainable(model, folder / "trainable.safetensors")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
     return TrainState(**json.loads((folder / "state.json").read_text()))
