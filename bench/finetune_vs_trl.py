@@ -5,7 +5,8 @@ model folder (`--model`, default: lmforge's `default` SmolLM2-135M-Instruct fold
 same records: the first `--train + --val` records of the built-in `dates` task's train split as
 {"prompt", "completion": answer}, split into train/validation with lmforge's own seeded `split_records`
 (lmforge reads them from a jsonl file with `data.val_fraction`; TRL gets the same training records as a
-conversational prompt-completion dataset, so it applies the chat template and trains on completions only).
+conversational prompt-completion dataset, so it applies the chat template and trains on completions only, listed in
+the order lmforge's loop draws them and read sequentially, so both tools see the same batches in the same order).
 Same batch size, steps, peak learning rate and schedule (cosine or constant, no warmup, AdamW with weight decay 0,
 gradient clipping at 1.0), max sequence length; no packing, no gradient checkpointing, nothing evaluated during
 training. lmforge scores nothing before/after (data from a file, no eval.task, eval.probe false); it still computes
@@ -120,6 +121,7 @@ config = SFTConfig(
     disable_tqdm=True,
     dataloader_num_workers=0,
     seed=spec["seed"],
+    train_sampling_strategy="sequential",  # the rows come in lmforge's order already
 )
 peft_config = LoraConfig(
     r=spec["lora"]["r"],
@@ -241,10 +243,25 @@ def lmforge_config(args: argparse.Namespace, folder: Path, data: Path, output: P
     }
 
 
+def lmforge_sequence(train: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The rows lmforge's loop trains on, in its order (seeded shuffle per epoch), for TRL to read sequentially.
+
+    Same data order in both tools removes the largest source of difference in the final validation loss.
+    """
+    from lmforge.train.loop import epoch_order
+
+    sequence: list[dict] = []
+    epoch = 0
+    while len(sequence) < args.steps * args.batch_size:
+        sequence += [train[i] for i in epoch_order(len(train), args.seed, epoch)]
+        epoch += 1
+    return sequence[: args.steps * args.batch_size]
+
+
 def trl_spec(args: argparse.Namespace, folder: Path, train: list[dict], run_dir: Path) -> dict:
     return {
         "model": str(folder),
-        "train": train,
+        "train": lmforge_sequence(train, args),
         "batch_size": args.batch_size,
         "steps": args.steps,
         "lr": args.lr,
@@ -362,10 +379,10 @@ def tokenisation_check(tokenizer, train: list[dict], trl_extra: dict, max_length
     first_ids = trl_extra["first_example"]["input_ids"]
     first_trained = trl_extra["first_example"]["trained"]
     check = {
-        "lmforge_input_tokens_per_epoch": sum(len(e.input_ids) for e in ours),
-        "trl_input_tokens_per_epoch": sum(trl_extra["example_lengths"]),
-        "lmforge_labelled_tokens_per_epoch": sum(sum(label != -100 for label in e.labels[1:]) for e in ours),
-        "trl_completion_tokens_per_epoch": sum(trl_extra["completion_tokens"]),
+        "lmforge_input_tokens": sum(len(e.input_ids) for e in ours),
+        "trl_input_tokens": sum(trl_extra["example_lengths"]),
+        "lmforge_labelled_tokens": sum(sum(label != -100 for label in e.labels[1:]) for e in ours),
+        "trl_completion_tokens": sum(trl_extra["completion_tokens"]),
         "first_example_same_input_ids": first_ids == ours[0].input_ids,
     }
     check["first_example_trl_trained"] = tokenizer.decode(first_trained)
@@ -478,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter = workdir / f"{run.tool}-{run.repeat}" / "adapter"
             run.val_loss = adapter_loss(base, tokenizer, adapter, val, args.max_length)
         trl_extra = next(r.extra for r in runs if r.tool == "trl")
-        tokenisation = tokenisation_check(tokenizer, train, trl_extra, args.max_length)
+        tokenisation = tokenisation_check(tokenizer, lmforge_sequence(train, args), trl_extra, args.max_length)
         summary = summarise(runs, base_loss)
         print_table(summary)
         print("tokenisation: " + json.dumps(tokenisation, indent=2))

@@ -151,10 +151,23 @@ def test_short_run_learns_the_preference_and_writes_outputs(tiny_llama, tmp_path
     assert not (tmp_path / "out.work").exists()
 
 
+def test_full_dpo_takes_the_reference_before_training_and_moves_every_weight(tiny_llama, tmp_path):
+    base = load_model(tiny_llama).model.state_dict()
+    out = run_dpo(_cfg(tiny_llama, tmp_path, "method=full", "train.lr=1e-3"))
+    record = json.loads((out / "run.json").read_text())
+    assert record["params_trainable"] == record["params_total"]
+    train_pairs = record["preference"]["train"]
+    assert train_pairs["loss"] < math.log(2) and train_pairs["reward_margin"] > 0  # step 0 was ln 2: ref == policy
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert abs(next(s["loss"] for s in steps if "loss" in s) - math.log(2)) < 1e-4
+    tuned = load_model(out).model.state_dict()
+    assert not (out / "adapter_config.json").exists()
+    assert all(not torch.equal(tuned[k], base[k]) for k in base if k.endswith("q_proj.weight"))
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["method=full"], "needs a second, frozen copy"),
         (["beta=0"], "beta must be > 0"),
         (["beta=-1"], "beta must be > 0"),
         (["data.path=null"], "data.path is required"),

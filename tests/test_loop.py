@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lmforge.data.chat import IGNORE_INDEX, render_example
 from lmforge.models.load import load_model
-from lmforge.train.loop import TrainConfig, _order, learning_rate_factor, restore_best, train
+from lmforge.train.loop import TrainConfig, epoch_order, learning_rate_factor, restore_best, train
 
 
 def plain_loss(model, batch):
@@ -125,7 +125,7 @@ def test_schedule_warms_up_then_decays(schedule):
 def test_log_counts_trained_and_input_tokens(tiny_llama, rows, tmp_path):
     cfg = TrainConfig(max_steps=1, batch_size=4, save_every=100)
     (entry,) = train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path)
-    step_rows = [rows[i] for i in _order(len(rows), seed=0, epoch=0)[:4]]
+    step_rows = [rows[i] for i in epoch_order(len(rows), seed=0, epoch=0)[:4]]
     assert entry["input_tokens"] == sum(len(r["input_ids"]) for r in step_rows)
     assert entry["tokens"] == sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in step_rows)
 

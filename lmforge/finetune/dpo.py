@@ -3,8 +3,9 @@
 Reads top to bottom: load preference pairs {prompt, chosen, rejected}, render each side with the chat template
 (completion-only labels, EOS trained), attach LoRA, score every pair ONCE under the reference model, train, and
 write the same folder as `lmforge finetune` (adapter, tokenizer, lmforge.yaml, run.json, log.jsonl, card).
-The reference is the frozen base itself: the same PeftModel with its adapter disabled, so no second copy of the
-weights exists; full fine-tuning would need one and is refused. A micro-batch stacks the chosen then the rejected
+The reference is the frozen base itself, and it is only ever needed before training: every pair's reference
+log-probs are computed once up front (LoRA: the same PeftModel with its adapter disabled; full: the model before
+its first step), so no second copy of the weights exists for either method. A micro-batch stacks the chosen then the rejected
 sides of its pairs, and `num_items` = pairs makes the loop average the summed loss per pair.
 Losses: DPO sigmoid (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, eq. 7) and IPO (Azar et al. 2023,
 https://arxiv.org/abs/2310.12036, eq. 17). As TRL does, IPO uses log-probs averaged over completion tokens.
@@ -12,6 +13,7 @@ https://arxiv.org/abs/2310.12036, eq. 17). As TRL does, IPO uses log-probs avera
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import Tensor
 
 from lmforge import config as config_io
@@ -112,7 +115,7 @@ class DPOConfig:
     model: str = "default"
     """Model reference: default, a folder, a .gguf file or a hub id (ideally an SFT result)."""
     method: Literal["lora", "full"] = "lora"
-    """Only lora for now: the adapter-disabled model is the reference, full tuning would need a second copy."""
+    """lora (the adapter-disabled model is the reference) or full (reference log-probs taken before step one)."""
     data: PreferenceData = field(default_factory=PreferenceData)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -180,11 +183,12 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict:
 
 
 def add_reference_logprobs(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> list[dict]:
-    """Score every pair once under the reference (adapter disabled), so training never runs the reference."""
+    """Score every pair once under the reference (the model as it is, adapter disabled), so training never runs it."""
     was_training = model.training
     model.eval()
     out = []
-    with torch.no_grad(), model.disable_adapter():
+    base_only = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+    with torch.no_grad(), base_only:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             logps = sequence_logprobs(model, collate_pairs(chunk, pad_id)).tolist()
@@ -242,11 +246,6 @@ def dpo(config: str | Path | DPOConfig | None = None, overrides: Sequence[str] =
 
 
 def _check(cfg: DPOConfig) -> None:
-    if cfg.method != "lora":
-        raise UserError(
-            "DPO with method: full needs a second, frozen copy of the model as reference: use method: lora "
-            "(the reference is the base with the adapter disabled)"
-        )
     if cfg.beta <= 0:
         raise UserError(f"beta must be > 0, got {cfg.beta}")
     if cfg.train.lr <= 0:
@@ -267,7 +266,7 @@ def load_pairs(data: PreferenceData) -> list[dict]:
 
 
 def run_dpo(cfg: DPOConfig) -> Path:
-    """Preference-tune a LoRA adapter, report forgetting, and write the output folder; returns its path."""
+    """Preference-tune (LoRA or full), report forgetting, and write the output folder; returns its path."""
     meter = RunMeter()
     _check(cfg)
     output, work = Path(cfg.output), Path(f"{cfg.output}.work")
@@ -284,7 +283,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     before = evaluate(loaded, tasks, **eval_kwargs) if tasks else None
 
     torch.manual_seed(cfg.train.seed)  # the adapter's random init is part of the run's recipe
-    model = attach_lora(loaded.model, cfg.lora)
+    model = attach_lora(loaded.model, cfg.lora) if cfg.method == "lora" else loaded.model.requires_grad_(True)
     train_rows = add_reference_logprobs(model, train_rows, pad_id, cfg.train.batch_size)
     val_rows = add_reference_logprobs(model, val_rows, pad_id, cfg.train.batch_size)
     loss_fn = make_loss_fn(cfg.beta, cfg.loss_type)
@@ -342,7 +341,7 @@ def _model_card(cfg: DPOConfig, preference: dict, before: dict | None, after: di
     lines = [
         f"# {Path(cfg.output).name}",
         "",
-        f"Preference-tuned from `{cfg.model}` by lmforge (LoRA, {cfg.loss_type} loss, beta {cfg.beta}).",
+        f"Preference-tuned from `{cfg.model}` by lmforge ({cfg.method}, {cfg.loss_type} loss, beta {cfg.beta}).",
         "",
         "| pairs | loss | reward accuracy | reward margin |",
         "|---|---|---|---|",

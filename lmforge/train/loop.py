@@ -24,6 +24,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from lmforge.train.allocator import return_freed_memory_to_os
+
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 Collate = Callable[[list[dict]], dict]
 EvalFn = Callable[[torch.nn.Module], dict]
@@ -85,7 +87,8 @@ def learning_rate_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _order(n_rows: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """The row order of one epoch: a seeded shuffle, the same on every process and after a resume."""
     order = list(range(n_rows))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     return order
@@ -96,7 +99,7 @@ def _next_micro_batches(rows: Sequence[dict], cfg: TrainConfig, state: TrainStat
     per_step = cfg.batch_size * cfg.grad_accum * world
     taken: list[dict] = []
     while len(taken) < per_step:
-        order = _order(len(rows), cfg.seed, state.epoch)
+        order = epoch_order(len(rows), cfg.seed, state.epoch)
         need = per_step - len(taken)
         chunk = order[state.position : state.position + need]
         taken += [rows[i] for i in chunk]
@@ -191,6 +194,7 @@ def train(
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    return_freed_memory_to_os()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(
