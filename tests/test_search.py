@@ -54,6 +54,24 @@ def test_study_resume_and_best_export(tiny_llama, tmp_path):
     assert more.trials[3]["params"] != more.trials[0]["params"]  # resumed sampling does not replay trial 0
 
 
+def test_top_k_soup_averages_the_best_trials(tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    results = run_tune(make_cfg(tiny_llama, tmp_path, "top_k_soup=2", "space.lora_r=[4]"))
+    top = sorted((r for r in results.trials if r["state"] == "COMPLETE"), key=lambda r: r["val_loss"])[:2]
+    merged = []
+    for row in top:
+        adapter = tmp_path / "tune" / "trials" / f"trial-{row['number']}"
+        merged.append(PeftModel.from_pretrained(load_model(tiny_llama).model, adapter).merge_and_unload().state_dict())
+    soup = load_model(results.soup).model.state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[0][name], merged[1][name])  # the trials really differ
+    torch.testing.assert_close(soup[name], (merged[0][name] + merged[1][name]) / 2, rtol=1e-5, atol=1e-6)
+    assert results.soup_value is not None and 0 < results.soup_value < 20
+    record = json.loads((results.soup / "run.json").read_text())
+    assert record["soup"]["trials"] == [r["number"] for r in top]
+
+
 def test_pruned_trial_ends_pruned(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
     cfg = make_cfg(tiny_llama, tmp_path, "trials=1")
@@ -98,7 +116,8 @@ def test_sample_overrides_stay_inside_the_space():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["top_k_soup=2"], "needs the merge engine"),
+        (["top_k_soup=1"], "top_k_soup must be 0"),
+        (["top_k_soup=4"], "top_k_soup must be 0"),
         (["trials=0"], "trials must be >= 1"),
         (["space.lr=[0, 1e-3]"], "space.lr must be > 0"),
         (["data.val_fraction=0"], "data.val_fraction > 0"),

@@ -6,7 +6,10 @@ TPE (Bergstra et al. 2011, https://papers.nips.cc/paper/4443; Optuna, Akiba et a
 https://arxiv.org/abs/1907.10902), seeded; a MedianPruner stops trials whose periodic validation loss
 falls behind the median of earlier trials at the same step. The study lives in `<output>/study.db` unless
 `study` names another file, so `resume: true` continues it up to `trials` in total. The best trial's
-folder is copied to `<output>/best` with a run.json of command "tune".
+folder is copied to `<output>/best` with a run.json of command "tune". With `top_k_soup: k` the k best
+trials are also averaged weight by weight (a model soup, Wortsman et al. 2022, https://arxiv.org/abs/2203.05482)
+by the merge engine into `<output>/soup`, and its validation loss is reported beside the best trial's, so
+the soup is kept only on the evidence.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from pathlib import Path
 from typing import Literal
 
 import optuna
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from lmforge import config as config_io
+from lmforge.data.sources import split_records
 from lmforge.errors import UserError
 from lmforge.finetune.sft import SFTConfig, run_sft
 from lmforge.models.load import load_model
@@ -61,7 +66,7 @@ class TuneConfig(SFTConfig):
     prune: bool = True
     """Stop unpromising trials early (median rule; set train.eval_every to report mid-run)."""
     top_k_soup: int = 0
-    """Average the top-k trials' weights (needs the merge engine, not there yet: keep 0)."""
+    """Also average the k best trials' weights into <output>/soup (linear merge) and score it (0: no soup)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class TuneResults:
     best_value: float
     best_params: dict
     trials: list[dict]
+    soup: Path | None = None
+    soup_value: float | None = None
 
 
 def sample_overrides(trial: optuna.Trial, space: SearchSpace, lora: bool = True) -> list[str]:
@@ -166,7 +173,41 @@ def run_tune(cfg: TuneConfig, console: Console | None = None) -> TuneResults:
     best = study.best_trial
     exported = _export_best(cfg, output / "trials" / f"trial-{best.number}", output / "best", best, db, meter)
     rows = [_row(t) for t in study.get_trials(deepcopy=False)]
-    return TuneResults(exported, best.number, float(best.value), dict(best.params), rows)
+    soup, soup_value = _soup(cfg, complete, output, loaded, console or Console()) if cfg.top_k_soup else (None, None)
+    return TuneResults(exported, best.number, float(best.value), dict(best.params), rows, soup, soup_value)
+
+
+def _soup(cfg: TuneConfig, complete: list, output: Path, loaded, console: Console) -> tuple[Path, float]:
+    """Average the top-k trials' weights with the merge engine and score the soup on the validation split."""
+    from lmforge.finetune.sft import load_records_for, tokenize, validation_loss
+    from lmforge.merge.run import merge
+
+    top = sorted(complete, key=lambda t: t.value)[: cfg.top_k_soup]
+    if len(top) < cfg.top_k_soup:
+        raise UserError(f"top_k_soup={cfg.top_k_soup} but only {len(top)} trials completed: run more trials")
+    folders = [output / "trials" / f"trial-{t.number}" for t in top]
+    refs = [f"{loaded.folder}+{f}" if (f / "adapter_config.json").is_file() else str(f) for f in folders]
+    recipe = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [{"model": r, "parameters": {"weight": 1.0}} for r in refs],
+    }
+    soup = merge(recipe, output / "soup", overwrite=True, progress=False)
+    _, val_records = split_records(load_records_for(cfg), cfg.data.val_fraction, cfg.train.seed)
+    souped = load_model(soup)
+    rows = tokenize(val_records, souped.tokenizer, cfg.data)
+    with torch.no_grad():
+        value = validation_loss(rows, souped.tokenizer.pad_token_id, cfg.eval.batch_size)(souped.model.eval())
+    value = float(value["val_loss"])
+    best = top[0].value
+    verdict = "better than" if value < best else "not better than"
+    console.print(
+        f"soup of trials {[t.number for t in top]}: {cfg.metric} {value:.4f}, {verdict} the best trial ({best:.4f})"
+    )
+    record = read_run(soup)
+    record["soup"] = {"trials": [t.number for t in top], "val_loss": value, "best_trial_val_loss": best}
+    write_json(soup / "run.json", record)
+    return soup, value
 
 
 def _stored_trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -209,8 +250,8 @@ def _check(cfg: TuneConfig) -> None:
     """One-line errors for settings a search cannot run with."""
     if cfg.trials < 1:
         raise UserError(f"trials must be >= 1, got {cfg.trials}")
-    if cfg.top_k_soup > 0:
-        raise UserError(f"top_k_soup={cfg.top_k_soup} needs the merge engine, which lmforge does not have yet: set 0")
+    if cfg.top_k_soup == 1 or cfg.top_k_soup < 0 or cfg.top_k_soup > cfg.trials:
+        raise UserError(f"top_k_soup must be 0 (no soup) or 2..trials ({cfg.trials}), got {cfg.top_k_soup}")
     if cfg.data.val_fraction <= 0:
         raise UserError("tuning minimises validation loss: set data.val_fraction > 0")
     space = cfg.space
