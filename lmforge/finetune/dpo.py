@@ -5,8 +5,8 @@ Reads top to bottom: load preference pairs {prompt, chosen, rejected}, render ea
 write the same folder as `lmforge finetune` (adapter, tokenizer, lmforge.yaml, run.json, log.jsonl, card).
 The reference is the frozen base itself, and it is only ever needed before training: every pair's reference
 log-probs are computed once up front (LoRA: the same PeftModel with its adapter disabled; full: the model before
-its first step), so no second copy of the weights exists for either method. A micro-batch stacks the chosen then the rejected
-sides of its pairs, and `num_items` = pairs makes the loop average the summed loss per pair.
+its first step), so no second copy of the weights exists for either method. A micro-batch stacks the chosen
+then the rejected sides of its pairs, and `num_items` = pairs makes the loop average the summed loss per pair.
 Losses: DPO sigmoid (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, eq. 7) and IPO (Azar et al. 2023,
 https://arxiv.org/abs/2310.12036, eq. 17). As TRL does, IPO uses log-probs averaged over completion tokens.
 """

@@ -1,0 +1,427 @@
+"""Merge methods: pure tensor functions in one dict, `METHODS`, keyed and parameterised as mergekit names them.
+
+Each entry is a `Method`: the function, its parameters (name, type, scope, default) and which inputs it
+takes (base required / optional / ignored, input counts). A function receives `Inputs`: float32 (or
+float64) tensors of one output tensor, the index of the base among them, the shared parameters and one
+parameter dict per input, and returns the merged tensor in the same precision; the engine rounds once to
+the output dtype. Functions may reuse their input tensors' storage (the engine hands them fresh copies).
+The task-arithmetic family (task_arithmetic, ties, dare_*, breadcrumbs*, della*) is one function and a
+table of rows, as in mergekit's generalized task arithmetic [mk]. References: each row's `reference`.
+`elementwise` methods may be computed on row chunks of a tensor (huge embeddings) with the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from lmforge.merge import sparsify
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: `scope` is shared (one value), input (every input) or non_base (every non-base input)."""
+
+    name: str
+    type: type
+    scope: str = "shared"
+    default: object = REQUIRED
+
+
+@dataclass
+class Inputs:
+    """What a method sees for one output tensor."""
+
+    tensors: list[torch.Tensor]
+    base: int | None
+    shared: dict
+    per_input: list[dict]
+    generator: Callable[[int], torch.Generator] = field(default=lambda i: torch.Generator())
+    """A seeded generator for input i, keyed by (seed, tensor name, model), for random methods."""
+
+    @property
+    def others(self) -> list[int]:
+        return [i for i in range(len(self.tensors)) if i != self.base]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: its function, parameter spec and input contract (mergekit's MergeMethodSpec)."""
+
+    fn: Callable[[Inputs], torch.Tensor]
+    params: tuple[Param, ...]
+    base: str = "ignored"
+    """required | optional | ignored (the base model, if any, is then one more input)."""
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    min_non_base: int = 0
+    max_non_base: int | None = None
+    elementwise: bool = False
+    reference: str = ""
+
+
+def linear(x: Inputs) -> torch.Tensor:
+    """Weighted average (model soups, Wortsman et al. 2022): sum w_i x_i, divided by sum w_i if normalize."""
+    weights = [p["weight"] for p in x.per_input]
+    out = x.tensors[0].mul_(weights[0])
+    for tensor, weight in zip(x.tensors[1:], weights[1:], strict=True):
+        out.add_(tensor, alpha=weight)
+    # the denominator is summed in float32, as mergekit's weight tensor is
+    return out.div_(torch.tensor(weights, dtype=out.dtype).sum()) if x.shared["normalize"] else out
+
+
+def task_arithmetic_family(x: Inputs, sparsification: str | None, consensus: bool) -> torch.Tensor:
+    """base + lambda * combine(w_i * sparsify(x_i - base)); TIES sign election when `consensus`."""
+    base = x.tensors[x.base]
+    if not x.others:
+        return base
+    deltas, weights = [], []
+    for i in x.others:
+        p = x.per_input[i]
+        delta = x.tensors[i].sub_(base)
+        rescale, mode = x.shared["rescale"], x.shared.get("rescale_mode", "l1")
+        if sparsification == "magnitude":
+            delta = sparsify.magnitude(delta, p["density"], rescale)
+        elif sparsification == "magnitude_outliers":
+            delta = sparsify.magnitude_outliers(delta, p["density"], p["gamma"], rescale)
+        elif sparsification == "random":
+            delta = sparsify.bernoulli(delta, p["density"], rescale, x.generator(i), mode)
+        elif sparsification == "della_magprune":
+            delta = sparsify.della_magprune(delta, p["density"], p["epsilon"], rescale, x.generator(i), mode)
+        deltas.append(delta.mul_(p["weight"]))
+        weights.append(p["weight"])
+    rows = max(1, CHUNK_ELEMENTS // max(1, base[0].numel())) if base.dim() > 1 else base.numel()
+    for start in range(0, base.shape[0] if base.dim() else 1, rows):  # elementwise from here: chunk the temporaries
+        part = slice(start, start + rows)
+        _combine(base[part], [d[part] for d in deltas], weights, consensus, x.shared)
+    return deltas[0]
+
+
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _combine(base, deltas: list[torch.Tensor], weights: list[float], consensus: bool, shared: dict) -> None:
+    """Combine weighted deltas into deltas[0] (in place): TIES sign election, normalize, lambda, + base."""
+    if consensus:
+        # the sign of the summed weighted deltas wins; entries of the other sign are dropped
+        majority = deltas[0].clone()
+        for delta in deltas[1:]:
+            majority.add_(delta)
+        majority = majority.ge_(0).mul_(2).sub_(1)  # +1 where the sum is >= 0, else -1
+        mixed = divisor = None
+        for delta, weight in zip(deltas, weights, strict=True):
+            agree = delta.sign() == majority
+            delta.mul_(agree)
+            mixed = delta if mixed is None else mixed.add_(delta)
+            divisor = agree.to(base.dtype).mul_(weight) if divisor is None else divisor.add_(agree, alpha=weight)
+        divisor.masked_fill_(divisor == 0, 1)
+    else:
+        mixed = deltas[0]
+        for delta in deltas[1:]:
+            mixed.add_(delta)
+        total = torch.tensor(weights, dtype=base.dtype).sum()  # summed in the tensors' precision, as mergekit does
+        divisor = total if total.abs() >= 1e-8 else 1.0
+    if shared["normalize"]:
+        mixed.div_(divisor)
+    if shared["lambda"] != 1:
+        mixed.mul_(shared["lambda"])
+    mixed.add_(base)
+
+
+class ParameterError(ValueError):
+    """A parameter value a method cannot use; the planner turns it into a UserError naming the tensor."""
+
+
+SLERP_CHUNK = 1 << 20  # mergekit reduces norms and dots in chunks of this many elements; so do we, to match its bits
+
+
+def slerp_vectors(t: float, a: torch.Tensor, b: torch.Tensor, threshold: float = 0.9995) -> torch.Tensor:
+    """Spherical interpolation of two tensors seen as flat vectors; lerp when nearly colinear.
+
+    Norms are norms of per-chunk norms and the dot product is a sum of per-chunk dots of the normalised
+    vectors, all in float32 with t as a float32 scalar, exactly as mergekit computes them: near-colinear
+    fine-tunes make the angle sensitive to the last bit of the dot product.
+    """
+    shape = a.shape
+    a, b = a.reshape(1, -1), b.reshape(1, -1)
+    t = torch.tensor([[t]], dtype=a.dtype)
+    chunks = [slice(i, i + SLERP_CHUNK) for i in range(0, a.shape[1], SLERP_CHUNK)]
+    norm_a = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(a[:, c], dim=1, keepdim=True) for c in chunks]), dim=0
+    )
+    norm_b = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(b[:, c], dim=1, keepdim=True) for c in chunks]), dim=0
+    )
+    norm_a, norm_b = torch.where(norm_a > 1e-8, norm_a, 1), torch.where(norm_b > 1e-8, norm_b, 1)
+    dot = torch.stack([(a[:, c] / norm_a * (b[:, c] / norm_b)).sum(dim=1, keepdim=True) for c in chunks]).sum(dim=0)
+    dot = dot.clamp(-1, 1)
+    linear = dot.abs() > threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta))
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta))
+    for c in chunks:  # in place, chunk by chunk: no full-size temporaries
+        a[:, c] = coef_a * a[:, c] + coef_b * b[:, c]
+    return a.reshape(shape)
+
+
+def slerp(x: Inputs) -> torch.Tensor:
+    """SLERP from the base (t=0) to the other model (t=1) (Shoemake 1985)."""
+    return slerp_vectors(x.shared["t"], x.tensors[x.base], x.tensors[x.others[0]])
+
+
+def nuslerp(x: Inputs) -> torch.Tensor:
+    """SLERP of two models' tensors (or task vectors, with a base) by weight ratio, per row or flattened."""
+    first, second = x.others
+    w0, w1 = x.per_input[first]["weight"], x.per_input[second]["weight"]
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    base = x.tensors[x.base] if x.base is not None else None
+    v0, v1 = x.tensors[first], x.tensors[second]
+    if base is not None:
+        v0, v1 = v0 - base, v1 - base
+    shape = v0.shape
+    if x.shared["nuslerp_flatten"]:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif x.shared["nuslerp_row_wise"]:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if not x.shared["nuslerp_flatten"] and x.shared["nuslerp_row_wise"]:
+        out = out.transpose(0, -1)
+    out = out.reshape(shape)
+    return out + base if base is not None else out
+
+
+def multislerp(x: Inputs) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere through the tangent space at the weighted mean."""
+    others = x.others
+    if len(others) == 1:
+        return x.tensors[others[0]]
+    base = x.tensors[x.base] if x.base is not None else None
+    eps = x.shared["eps"]
+    flat = torch.stack([x.tensors[i].reshape(-1) for i in others])
+    if base is not None:
+        flat -= base.reshape(1, -1)
+    weights = torch.tensor([x.per_input[i]["weight"] for i in others], dtype=flat.dtype)
+    if x.shared["normalize_weights"]:
+        weights = weights / weights.sum()
+    norms = flat.norm(dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    if mean.norm() < eps:
+        if len(others) != 2:
+            raise ParameterError("the weighted sum of the input tensors is zero (antipodal inputs): change the weights")
+        out = flat[0] * weights[0] + flat[1] * weights[1]
+    else:
+        mean = mean / mean.norm()
+        tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * weights.view(-1, 1)).sum(0)
+        length = tangent.norm() + eps
+        out = (mean * torch.cos(length) + tangent * (torch.sin(length) / length)) * (norms.squeeze(-1) * weights).sum()
+    out = out.view(x.tensors[0].shape)
+    return out + base if base is not None else out
+
+
+def model_stock(x: Inputs) -> torch.Tensor:
+    """Model Stock (Jang et al. 2024): interpolate base and the average by t = N cos / (1 + (N-1) cos)."""
+    base, models = x.tensors[x.base], [x.tensors[i] for i in x.others]
+    shape = base.shape
+    if x.shared["filter_wise"]:
+        base = base.unsqueeze(0) if base.dim() == 1 else base
+        models = [m.unsqueeze(0) if m.dim() == 1 else m for m in models]
+    else:
+        base, models = base.reshape(-1), [m.reshape(-1) for m in models]
+    offsets = [m - base for m in models]
+    cosines = [
+        ((a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+        for i, a in enumerate(offsets)
+        for b in offsets[i + 1 :]
+    ]
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(models)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
+    average = sum(models) / n
+    return (t * average + (1 - t) * base).reshape(shape)
+
+
+def karcher(x: Inputs) -> torch.Tensor:
+    """Weighted Riemannian (Karcher) mean of the directions on the unit sphere, scaled by the mean norm."""
+    tensors, tol = x.tensors, x.shared["tol"]
+    if len(tensors) == 1:
+        return tensors[0]
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    norms = [t.norm() for t in tensors]
+    units = [t / n if n.item() != 0 else torch.zeros_like(t) for t, n in zip(tensors, norms, strict=True)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    total = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / total for i in valid]
+    units = [units[i] for i in valid]
+    mean = sum(w * u for w, u in zip(weights, units, strict=True))
+    mean = units[0].clone() if mean.norm().item() < tol else mean / mean.norm()
+    for _ in range(x.shared["max_iter"]):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(weights, units, strict=True):
+            dot = torch.dot(mean.flatten(), u.flatten()).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += w * (theta / torch.sin(theta)) * (u - dot * mean)
+        length = tangent.norm()
+        if length.item() < tol:
+            break
+        mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
+        if mean.norm().item() > tol:
+            mean = mean / mean.norm()
+    return sum(a * n for a, n in zip(alphas, norms, strict=True)) * mean
+
+
+def nearswap(x: Inputs) -> torch.Tensor:
+    """Take the other model's value where it is within t of the base, blending smoothly further out."""
+    a, b = x.tensors[x.base], x.tensors[x.others[0]]
+    weight = (x.shared["t"] / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * b + (1 - weight) * a
+
+
+def sce(x: Inputs) -> torch.Tensor:
+    """SCE (Wan et al. 2024): select high-variance elements, weight task vectors by energy, erase minority signs."""
+    base = x.tensors[x.base]
+    if not x.others:
+        return base
+    vectors = torch.stack([x.tensors[i] - base for i in x.others])
+    topk = x.shared["select_topk"]
+    if topk < 1:
+        variance = vectors.var(dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance).item() * topk) if topk > 0 else 0
+        mask = sparsify.rank_mask(variance.abs(), variance.numel() - k, variance.numel())
+        vectors = vectors * mask
+    majority = torch.where(vectors.sum(dim=0) >= 0, 1.0, -1.0)
+    erase = vectors.sign() == majority
+    energy = vectors.square().reshape(vectors.shape[0], -1).mean(dim=1)
+    total = energy.sum().item()
+    energy = torch.full_like(energy, 1 / len(energy)) if abs(total) < 1e-6 else energy / total
+    weights = energy.view(-1, *([1] * base.dim())) * erase
+    return base + (vectors * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
+
+
+def passthrough(x: Inputs) -> torch.Tensor:
+    """Copy the one input, optionally scaled (frankenmerges, layer stacking, zeroed projections)."""
+    scale = x.per_input[0]["scale"]
+    return x.tensors[0] if scale is None else x.tensors[0].mul_(scale)
+
+
+_TA_PARAMS = (
+    Param("int8_mask", bool, default=False),
+    Param("lambda", float, default=1.0),
+    Param("rescale_mode", str, default="l1"),
+    Param("weight", float, "non_base"),
+    Param("density", float, "non_base", 1.0),
+)
+
+
+def _task_arithmetic_row(sparsification, consensus, normalize, rescale, reference, extra=()) -> Method:
+    params = (Param("normalize", bool, default=normalize), Param("rescale", bool, default=rescale))
+    return Method(
+        partial(task_arithmetic_family, sparsification=sparsification, consensus=consensus),
+        params + _TA_PARAMS + extra,
+        base="required",
+        elementwise=sparsification is None and not consensus,
+        reference=reference,
+    )
+
+
+_GAMMA = (Param("gamma", float, "non_base", 0.01),)
+_EPSILON = (Param("epsilon", float, "non_base", 0.15),)
+_DARE = "https://arxiv.org/abs/2311.03099"
+_BREADCRUMBS = "https://arxiv.org/abs/2312.06795"
+_DELLA = "https://arxiv.org/abs/2406.11617"
+
+METHODS: dict[str, Method] = {
+    "linear": Method(
+        linear,
+        (Param("weight", float, "input"), Param("normalize", bool, default=True)),
+        elementwise=True,
+        reference="https://arxiv.org/abs/2203.05482",
+    ),
+    "task_arithmetic": _task_arithmetic_row(None, False, False, False, "https://arxiv.org/abs/2212.04089"),
+    "ties": _task_arithmetic_row("magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
+    "dare_ties": _task_arithmetic_row("random", True, False, True, _DARE),
+    "dare_linear": _task_arithmetic_row("random", False, False, True, _DARE),
+    "breadcrumbs": _task_arithmetic_row("magnitude_outliers", False, False, False, _BREADCRUMBS, _GAMMA),
+    "breadcrumbs_ties": _task_arithmetic_row("magnitude_outliers", True, False, False, _BREADCRUMBS, _GAMMA),
+    "della": _task_arithmetic_row("della_magprune", True, True, True, _DELLA, _EPSILON),
+    "della_linear": _task_arithmetic_row("della_magprune", False, False, True, _DELLA, _EPSILON),
+    "slerp": Method(
+        slerp,
+        (Param("t", float),),
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+        reference="https://en.wikipedia.org/wiki/Slerp",
+    ),
+    "nuslerp": Method(
+        nuslerp,
+        (
+            Param("weight", float, "non_base"),
+            Param("nuslerp_row_wise", bool, default=False),
+            Param("nuslerp_flatten", bool, default=True),
+        ),
+        base="optional",
+        min_non_base=2,
+        max_non_base=2,
+    ),
+    "multislerp": Method(
+        multislerp,
+        (
+            Param("weight", float, "non_base"),
+            Param("normalize_weights", bool, default=True),
+            Param("eps", float, default=1e-8),
+        ),
+        base="optional",
+        min_non_base=1,
+        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    ),
+    "model_stock": Method(
+        model_stock,
+        (Param("filter_wise", bool, default=False),),
+        base="required",
+        min_inputs=3,
+        reference="https://arxiv.org/abs/2403.19522",
+    ),
+    "karcher": Method(
+        karcher,
+        (Param("max_iter", int, default=10), Param("tol", float, default=1e-5)),
+        reference="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean",
+    ),
+    "nearswap": Method(
+        nearswap,
+        (Param("t", float),),
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+        elementwise=True,
+        reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    ),
+    "sce": Method(
+        sce,
+        (Param("int8_mask", bool, default=False), Param("select_topk", float, default=1.0)),
+        base="required",
+        reference="https://arxiv.org/abs/2408.07990",
+    ),
+    "passthrough": Method(passthrough, (Param("scale", float, "input", None),), max_inputs=1, elementwise=True),
+}
+
+# mergekit methods lmforge does not implement (so the error can say so instead of "unknown").
+NOT_IMPLEMENTED = ("arcee_fusion", "ram", "ramplus_tl")
+ALL_PARAMETER_NAMES = frozenset(p.name for m in METHODS.values() for p in m.params)

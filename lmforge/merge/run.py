@@ -1,0 +1,348 @@
+"""`lmforge merge`: a mergekit config in, a complete model folder out.
+
+Reads top to bottom: parse and check the config, rewrite lmforge's own methods into mergekit ones
+(block_expansion -> passthrough slices, greedy_soup -> linear over the kept models), resolve every model
+reference (`MODEL+ADAPTER` and bare PEFT adapter folders are merged into their base once and cached), plan
+every output tensor, build the output tokenizer when `tokenizer_source` asks for one, then stream the
+merge into a staging folder with config.json, tokenizer, generation config, lmforge.yaml (the config that
+was executed: mergekit can run it too), run.json and a model card; optionally score inputs and output.
+The folder appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+from lmforge import config as config_io
+from lmforge.errors import UserError
+from lmforge.merge import config as merge_config
+from lmforge.merge import engine, expand, plan
+from lmforge.merge import vocab as vocab_io
+from lmforge.merge.methods import METHODS
+from lmforge.models.load import cache_dir, resolve_model
+from lmforge.outputs import staged_output
+from lmforge.report.record import RunMeter, run_record, write_json
+
+log = logging.getLogger("lmforge.merge")
+OPTIONS = {"seed": 0, "eval_limit": 50, "progress": True, "num_threads": None}
+_TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def merge(
+    config: str | Path | dict,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    explain: bool = False,
+    eval_tasks: Sequence[str] = (),
+    out_shard_size: str | int = "5GB",
+    allow_nonfinite: bool = False,
+    **options,
+) -> Path:
+    """Merge models as a mergekit YAML (path or parsed dict) says, into the model folder `out`.
+
+    Args:
+        config: mergekit configuration: a YAML file or its parsed dict.
+        out: output model folder; refused if it exists, unless `overwrite`.
+        explain: print each output tensor's inputs and resolved parameters, and stop (nothing is written).
+        eval_tasks: tasks to score the inputs and the output on (model card and run.json).
+        out_shard_size: largest output shard, bytes or "500MB" / "5GB".
+        allow_nonfinite: write tensors holding NaN/Inf instead of stopping.
+        options: seed (random methods, default 0; `random_seed` is accepted too), eval_limit (records per
+            task, 50), progress (bar on the terminal), num_threads (worker threads, default 2).
+    Returns:
+        The output folder (with `explain`, the folder that would have been written).
+    """
+    if "random_seed" in options:
+        options["seed"] = options.pop("random_seed")
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise UserError(f"unknown merge option(s) {sorted(unknown)}: accepted are {', '.join(OPTIONS)}")
+    opts = OPTIONS | {k: v for k, v in options.items() if v is not None}
+    meter, out = RunMeter(), Path(out)
+    shard_bytes = parse_size(out_shard_size)
+    cfg = merge_config.read(config)
+    if out.exists() and not overwrite and not explain:
+        raise UserError(f"output folder {out} exists: pass --overwrite or choose another folder")
+    models = [plan.open_model(ref, resolve_input(ref)) for ref in cfg.referenced()]
+    executed, soup_log = _executed(cfg, models, explain, opts["eval_limit"])
+    models = [next(m for m in models if m.ref == ref) for ref in executed.referenced()]
+    output = plan.build(executed, models)
+    vocabulary = None
+    if executed.tokenizer_source:
+        vocabulary = vocab_io.build(executed.tokenizer_source, models, output.donor)
+        for p in output.tensors:
+            if p.vocab:
+                p.shape = (vocabulary.size, *p.shape[1:])
+    if explain:
+        _print_explain(output, models, executed)
+        return out
+    template = _chat_template(executed.chat_template, models)
+    threads = torch.get_num_threads()
+    # Parallel over tensors, not inside them: OpenMP threads that spin-wait on a shared CPU made the merge
+    # 7x slower (measured, 2 cores under load), while worker threads with single-threaded torch never spin.
+    torch.set_num_threads(1)
+    try:
+        with staged_output(out, overwrite=overwrite) as staging:
+            stats = engine.run(
+                output.tensors,
+                models,
+                METHODS[executed.merge_method],
+                staging,
+                shard_bytes=shard_bytes,
+                seed=int(opts["seed"]),
+                allow_nonfinite=allow_nonfinite,
+                vocabulary=vocabulary,
+                progress=bool(opts["progress"]),
+                workers=int(opts["num_threads"] or min(2, os.cpu_count() or 1)),
+            )
+            _write_config(staging, models[output.donor], executed, output, vocabulary)
+            _write_tokenizer(staging, models[output.donor], vocabulary, template)
+            text = yaml.dump(executed.raw, Dumper=config_io._Dumper, sort_keys=False)
+            (staging / "lmforge.yaml").write_text(text, encoding="utf-8")
+            scores, input_scores = (
+                _evaluate(staging, models, list(eval_tasks), opts["eval_limit"]) if eval_tasks else ({}, {})
+            )
+            record = run_record(
+                "merge",
+                cfg.merge_method,
+                meter,
+                inputs={
+                    "models": [{"ref": m.ref, "folder": str(m.folder), "fingerprint": fingerprint(m)} for m in models]
+                },
+                config={"merge": cfg.raw, "executed": executed.raw, "options": opts | {"out_shard_size": shard_bytes}},
+                tokens_seen=0,
+                params_total=sum(_numel(p.shape) for p in output.tensors if p.floating),
+                size_bytes=sum(f.stat().st_size for f in staging.glob("*.safetensors")),
+                metrics=scores,
+            )
+            record["input_metrics"] = input_scores
+            record["merge_stats"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(stats).items()}
+            if soup_log is not None:
+                record["soup"] = soup_log
+            write_json(staging / "run.json", record)
+            card = _model_card(out, cfg, executed.raw, models, scores, input_scores, soup_log)
+            (staging / "README.md").write_text(card, encoding="utf-8")
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _executed(cfg: merge_config.MergeConfig, models: list[plan.InputModel], explain: bool, limit: int):
+    """The mergekit config that runs: lmforge's own methods rewritten into mergekit ones (and the soup's log)."""
+    if cfg.merge_method == "block_expansion":
+        return merge_config.read(expand.to_passthrough(cfg, models[0].layers)), None
+    if cfg.merge_method != "greedy_soup":
+        return cfg, None
+    from lmforge.merge import soup  # imports the evaluation harness (transformers): only when needed
+
+    everyone = merge_config.read(soup.uniform(cfg, [s.model for s in cfg.models or ()]))
+    plan.build(everyone, models)  # incompatible candidates fail here, before any evaluation
+    if explain:
+        return everyone, None
+    linear, soup_log = soup.choose(cfg, models, limit)
+    return merge_config.read(linear), soup_log
+
+
+def parse_size(value: str | int) -> int:
+    """Shard size in bytes: 123, '500MB', '5GB', '1.5G', or mergekit's '5B' (5 billion; its writer counts bytes)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(kb?|mb?|gb?|tb?|b)?\s*", str(value), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--out-shard-size '{value}' is not a size: write e.g. 5GB or 500MB")
+    unit = (match.group(2) or "").lower()
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "b": 10**9}[unit[:1] if unit != "b" else "b"]
+    return int(float(match.group(1)) * scale)
+
+
+def resolve_input(ref: str) -> Path:
+    """A model reference -> a folder of safetensors; `BASE+ADAPTER` (or an adapter folder) is merged once."""
+    if "+" in ref and not Path(ref).exists():
+        base_ref, adapter = ref.rsplit("+", 1)
+        return _merged_adapter(resolve_model(base_ref), Path(adapter), ref)
+    folder = resolve_model(ref)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        base_ref = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_ref:
+            raise UserError(f"{folder}/adapter_config.json names no base model: write it as BASE+{folder}")
+        return _merged_adapter(resolve_model(base_ref), folder, ref)
+    return folder
+
+
+def _merged_adapter(base: Path, adapter: Path, ref: str) -> Path:
+    """Base weights with the PEFT adapter merged in, cached under LMFORGE_CACHE keyed by both contents."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"'{ref}': {adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    digest = hashlib.sha256()
+    for folder in (base, adapter):
+        for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
+            digest.update(
+                file.name.encode() + str(file.stat().st_size).encode() + str(file.stat().st_mtime_ns).encode()
+            )
+    target = cache_dir() / "merged_adapters" / f"{adapter.resolve().name}-{digest.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("merging adapter %s into %s once (cached in %s)", adapter, base, target)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging)
+    tokenizer_home = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    AutoTokenizer.from_pretrained(tokenizer_home).save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def fingerprint(model: plan.InputModel) -> str:
+    """A cheap content fingerprint: every shard's header and size (headers hold names, shapes, offsets)."""
+    digest = hashlib.sha256()
+    for file in sorted({info.file for info in model.index.values()}):
+        with open(file, "rb") as handle:
+            digest.update(handle.read(8 + int.from_bytes(handle.read(8), "little")))
+        digest.update(str(file.stat().st_size).encode())
+    return "safetensors-header-sha256:" + digest.hexdigest()[:16]
+
+
+def _numel(shape) -> int:
+    count = 1
+    for s in shape:
+        count *= s
+    return count
+
+
+def _print_explain(output: plan.Plan, models: list[plan.InputModel], cfg: merge_config.MergeConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.merge_method}: {len(output.tensors)} output tensors, {output.layers} layers (* = base)")
+    for column in ("tensor", "t", "inputs", "shared parameters", "per-input parameters"):
+        table.add_column(column)
+    for row in plan.explain(output, models, cfg.merge_method):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _chat_template(choice: str | None, models: list[plan.InputModel]) -> str | None:
+    """mergekit's chat_template: 'auto' (the most common among the inputs), 'chatml', or the template text."""
+    if not choice:
+        return None
+    if choice == "auto":
+        found = [t.strip() for m in models if (t := _template_of(m.folder))]
+        return collections.Counter(found).most_common(1)[0][0] if found else None
+    if choice == "chatml":
+        from lmforge.models.tiny import CHATML_TEMPLATE
+
+        return CHATML_TEMPLATE
+    if "{" not in choice:
+        raise UserError(
+            f"chat_template '{choice}': lmforge bundles only 'chatml' and 'auto'; paste the Jinja template text"
+        )
+    return choice
+
+
+def _template_of(folder: Path) -> str | None:
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
+
+
+def _write_config(staging: Path, donor: plan.InputModel, cfg, output: plan.Plan, vocabulary) -> None:
+    """The donor's config.json with the layer count, dtype and vocabulary size of the output."""
+    config = dict(donor.config)
+    if "num_hidden_layers" in config or cfg.slices:
+        config["num_hidden_layers"] = output.layers
+    dtype = cfg.out_dtype or cfg.dtype
+    if dtype:
+        config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = dtype
+    if vocabulary is not None:
+        config["vocab_size"] = vocabulary.size
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    generation = donor.folder / "generation_config.json"
+    if generation.is_file():
+        shutil.copy(generation, staging / "generation_config.json")
+
+
+def _write_tokenizer(staging: Path, donor: plan.InputModel, vocabulary, template: str | None) -> None:
+    """The built tokenizer, or the donor's tokenizer files as they are; the chat template set on top."""
+    if vocabulary is None and template is None:
+        for name in _TOKENIZER_FILES:
+            if (donor.folder / name).is_file():
+                shutil.copy(donor.folder / name, staging / name)
+        return
+    if vocabulary is not None:
+        tokenizer = vocabulary.tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(donor.folder)
+    if template is not None:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(staging)
+
+
+def _evaluate(staging: Path, models, tasks: list[str], limit: int) -> tuple[dict, dict]:
+    from lmforge.eval.run import evaluate, metrics_of
+
+    inputs = {m.ref: metrics_of(evaluate(str(m.folder), tasks, limit=limit, footprint=False)) for m in models}
+    return metrics_of(evaluate(str(staging), tasks, limit=limit, footprint=False)), inputs
+
+
+def _model_card(out: Path, cfg, resolved: dict, models, scores: dict, input_scores: dict, soup_log) -> str:
+    method = cfg.merge_method
+    reference = METHODS[method].reference if method in METHODS else ""
+    lines = [
+        f"# {out.name}",
+        "",
+        f"Merged by lmforge with `{method}`" + (f" ({reference})" if reference else "") + " from:",
+        "",
+    ]
+    lines += [f"- `{m.ref}`" for m in models]
+    if soup_log:
+        lines += ["", "Greedy soup (candidates best first; kept only when the soup improved):", ""]
+        lines += ["| model | alone | soup with it | kept |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['model']} | {r['score']:.4f} | {r['soup_score']:.4f} | {'yes' if r['kept'] else 'no'} |"
+            for r in soup_log
+        ]
+    if scores:
+        names = [m.ref for m in models]
+        lines += ["", "| task | metric | " + " | ".join(names) + " | merged |", "|---|---|" + "---|" * (len(names) + 1)]
+        for task, metrics in scores.items():
+            for metric, cell in metrics.items():
+                row = [f"{input_scores[n][task][metric]['value']:.4f}" for n in names]
+                lines.append(f"| {task} | {metric} | " + " | ".join(row) + f" | {cell['value']:.4f} |")
+    recipe = yaml.dump(resolved, Dumper=config_io._Dumper, sort_keys=False).rstrip()
+    lines += ["", "## Recipe (lmforge.yaml, mergekit syntax)", "", "```yaml", recipe, "```", ""]
+    lines += ["Costs and scores are in run.json."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,210 @@
+"""Every merge method against an independent naive version written from its paper (or mergekit's documented
+semantics), table-driven over METHODS; random methods against their invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.merge import sparsify
+from lmforge.merge.engine import generator_for
+from lmforge.merge.methods import METHODS, Inputs
+
+SHAPE = (37, 29)
+
+
+def _tensors(count: int, seed: int = 0, scale: float = 0.3) -> list[torch.Tensor]:
+    """A base and `count - 1` fine-tune-like variants of it (continuous values: no ties at any cut-off)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(SHAPE, generator=g)
+    return [base] + [base + scale * torch.randn(SHAPE, generator=g) for _ in range(count - 1)]
+
+
+def _run(name: str, tensors, base, shared=None, per_input=None, seed: int = 0) -> torch.Tensor:
+    method = METHODS[name]
+    defaults = {p.name: p.default for p in method.params if p.scope == "shared" and p.default is not None}
+    per_input = per_input or [{} for _ in tensors]
+    x = Inputs(
+        [t.clone() for t in tensors], base, defaults | (shared or {}), per_input, lambda i: generator_for(seed, "w", i)
+    )
+    return method.fn(x)
+
+
+def _top_k_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    k = max(1, int(density * delta.numel()))
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    keep[torch.argsort(delta.abs().flatten(), descending=True)[:k]] = True
+    return keep.view_as(delta)
+
+
+def test_linear_is_the_weighted_average():
+    a, b, c = _tensors(3)
+    got = _run("linear", [a, b, c], None, per_input=[{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}])
+    torch.testing.assert_close(got, (a + 2 * b + 0.5 * c) / 3.5)
+    raw = _run("linear", [a, b], None, {"normalize": False}, [{"weight": 0.5}, {"weight": 0.25}])
+    torch.testing.assert_close(raw, 0.5 * a + 0.25 * b)
+
+
+def test_task_arithmetic_adds_scaled_task_vectors():
+    base, a, b = _tensors(3)
+    per = [{}, {"weight": 0.7, "density": 1.0}, {"weight": -0.2, "density": 1.0}]
+    got = _run("task_arithmetic", [base, a, b], 0, {"lambda": 0.5}, per)
+    torch.testing.assert_close(got, base + 0.5 * (0.7 * (a - base) - 0.2 * (b - base)))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_trims_elects_and_averages_the_agreeing(density):
+    base, a, b, c = _tensors(4)
+    weights = [0.6, 0.3, 0.9]
+    trimmed = [w * (t - base) * _top_k_mask(t - base, density) for w, t in zip(weights, (a, b, c), strict=True)]
+    sign = torch.where(sum(trimmed) >= 0, 1.0, -1.0)
+    agree = [torch.sign(t) == sign for t in trimmed]
+    total = sum(t * m for t, m in zip(trimmed, agree, strict=True))
+    divisor = sum(w * m for w, m in zip(weights, agree, strict=True))
+    want = base + total / torch.where(divisor == 0, 1.0, divisor)
+    per = [{}] + [{"weight": w, "density": density} for w in weights]
+    torch.testing.assert_close(_run("ties", [base, a, b, c], 0, per_input=per), want)
+
+
+def test_breadcrumbs_drops_outliers_and_small_values():
+    base, a = _tensors(2)
+    delta, n = a - base, a.numel()
+    density, gamma = 0.5, 0.1
+    target, top = int(density * n), int(gamma * n)
+    order = torch.argsort(delta.abs().flatten())
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[n - target - top : n - top]] = True
+    want = base + 0.8 * delta * keep.view_as(delta)
+    per = [{}, {"weight": 0.8, "density": density, "gamma": gamma}]
+    torch.testing.assert_close(_run("breadcrumbs", [base, a], 0, per_input=per), want)
+
+
+def test_slerp_follows_the_great_circle_and_lerps_when_colinear():
+    a, b = _tensors(2, scale=2.0)
+    t = 0.3
+    theta = math.acos(float((a / a.norm() * (b / b.norm())).sum()))
+    want = math.sin((1 - t) * theta) / math.sin(theta) * a + math.sin(t * theta) / math.sin(theta) * b
+    torch.testing.assert_close(_run("slerp", [a, b], 0, {"t": t}), want)
+    torch.testing.assert_close(_run("slerp", [a, 2 * a], 0, {"t": t}), (1 - t) * a + t * 2 * a)
+
+
+def test_nuslerp_interpolates_task_vectors_by_weight_ratio():
+    base, a, b = _tensors(3)
+    va, vb = (a - base).flatten(), (b - base).flatten()
+    t = 3.0 / (1.0 + 3.0)
+    theta = math.acos(float((va / va.norm() * (vb / vb.norm())).sum()))
+    want = base + ((math.sin((1 - t) * theta) * va + math.sin(t * theta) * vb) / math.sin(theta)).view(SHAPE)
+    per = [{}, {"weight": 1.0}, {"weight": 3.0}]
+    torch.testing.assert_close(_run("nuslerp", [base, a, b], 0, per_input=per), want)
+
+
+def test_multislerp_of_two_unit_vectors_is_their_slerp():
+    a, b = _tensors(2, scale=1.0)
+    a, b = a / a.norm(), b / b.norm()
+    got = _run("multislerp", [a, b], None, per_input=[{"weight": 1.0}, {"weight": 1.0}])
+    middle = (a + b) / (a + b).norm()  # the spherical midpoint; both norms are 1
+    torch.testing.assert_close(got, middle, atol=1e-5, rtol=1e-4)
+
+
+def test_model_stock_uses_the_angle_between_fine_tunes():
+    base, a, b = _tensors(3)
+    da, db = (a - base).flatten(), (b - base).flatten()
+    cos = float(da @ db / (da.norm() * db.norm()))
+    t = 2 * cos / (1 + cos)
+    want = t * (a + b) / 2 + (1 - t) * base
+    torch.testing.assert_close(_run("model_stock", [base, a, b], 0), want)
+
+
+def test_karcher_mean_of_two_directions_is_the_midpoint_scaled_by_mean_norm():
+    a, b = _tensors(2, scale=1.0)
+    direction = (a / a.norm() + b / b.norm()) / (a / a.norm() + b / b.norm()).norm()
+    want = direction * (a.norm() + b.norm()) / 2
+    torch.testing.assert_close(_run("karcher", [a, b], None), want, atol=1e-5, rtol=1e-4)
+
+
+def test_nearswap_blends_toward_the_other_model_where_close():
+    a, b = _tensors(2)
+    t = 0.1
+    weight = (t / (a - b).abs()).clamp(0, 1)
+    torch.testing.assert_close(_run("nearswap", [a, b], 0, {"t": t}), weight * b + (1 - weight) * a)
+
+
+def test_sce_selects_by_variance_and_weights_by_energy():
+    base, a, b = _tensors(3)
+    tv = torch.stack([a - base, b - base])
+    var = tv.var(dim=0, unbiased=False)
+    k = int(var.numel() * 0.5)
+    keep = torch.zeros(var.numel(), dtype=torch.bool)
+    keep[torch.argsort(var.flatten(), descending=True)[:k]] = True
+    tv = tv * keep.view_as(var)
+    energy = tv.square().flatten(1).mean(1)
+    energy = energy / energy.sum()
+    sign = torch.where(tv.sum(0) >= 0, 1.0, -1.0)
+    w = energy.view(-1, 1, 1) * (torch.sign(tv) == sign)
+    want = base + (tv * w).sum(0) / w.sum(0).clamp(min=1e-6)
+    torch.testing.assert_close(_run("sce", [base, a, b], 0, {"select_topk": 0.5}), want)
+
+
+def test_passthrough_scales_or_copies():
+    (a,) = _tensors(1)
+    torch.testing.assert_close(_run("passthrough", [a], None, per_input=[{"scale": None}]), a)
+    torch.testing.assert_close(_run("passthrough", [a], None, per_input=[{"scale": 0.0}]), torch.zeros_like(a))
+
+
+def test_dare_keeps_about_density_and_rescales():
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(300, 400, generator=g)
+    for mode in ("l1", "density"):
+        kept = sparsify.bernoulli(delta.clone(), 0.3, True, generator_for(0, "x", 1), mode)
+        share = float((kept != 0).float().mean())
+        assert abs(share - 0.3) < 0.01
+        if mode == "l1":  # mergekit: the kept values carry the original L1 mass
+            torch.testing.assert_close(kept.abs().sum(), delta.abs().sum())
+        else:  # the paper: each kept value divided by the keep probability
+            torch.testing.assert_close(kept[kept != 0], delta[kept != 0] / 0.3)
+
+
+def test_dare_ties_elects_one_sign_per_entry():
+    base, a, b = _tensors(3, scale=1.0)
+    per = [{}, {"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]
+    merged = _run("dare_ties", [base, a, b], 0, per_input=per) - base
+    kept_a = sparsify.bernoulli((a - base).clone(), 0.5, True, generator_for(0, "w", 1), "l1")
+    kept_b = sparsify.bernoulli((b - base).clone(), 0.5, True, generator_for(0, "w", 2), "l1")
+    sign = torch.where(kept_a + kept_b >= 0, 1.0, -1.0)
+    elected = kept_a * (torch.sign(kept_a) == sign) + kept_b * (torch.sign(kept_b) == sign)
+    torch.testing.assert_close(merged, elected, atol=1e-6, rtol=1e-5)
+    assert ((merged * sign) >= -1e-6).all()  # no entry keeps the minority sign
+
+
+def test_della_prefers_large_magnitudes():
+    delta = torch.linspace(-1, 1, 4001).repeat(50, 1)
+    kept = sparsify.della_magprune(delta.clone(), 0.5, 0.4, False, generator_for(0, "d", 1), "l1")
+    small, large = delta.abs() < 0.2, delta.abs() > 0.8
+    assert abs(float((kept != 0).float().mean()) - 0.5) < 0.02
+    assert float((kept[large] != 0).float().mean()) > float((kept[small] != 0).float().mean()) + 0.4
+
+
+def test_generator_is_keyed_by_seed_tensor_and_model():
+    draw = lambda *key: torch.rand(4, generator=generator_for(*key))  # noqa: E731
+    assert torch.equal(draw(0, "a", 1), draw(0, "a", 1))
+    assert not torch.equal(draw(0, "a", 1), draw(0, "a", 2))
+    assert not torch.equal(draw(0, "a", 1), draw(1, "a", 1))
+    assert not torch.equal(draw(0, "a", 1), draw(0, "b", 1))
+
+
+def test_rank_mask_is_exact_with_ties():
+    values = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0, 0.0] * 70_000)  # large enough for sample-select
+    order = torch.sort(values, stable=True).indices
+    for start, stop in ((0, 200_000), (100_000, 420_000), (419_999, 420_000)):
+        want = torch.zeros(values.numel(), dtype=torch.bool)
+        want[order[start:stop]] = True
+        assert torch.equal(sparsify.rank_mask(values, start, stop), want)
+    assert sparsify.kth_smallest(values, 350_001) == torch.kthvalue(values, 350_001).values
+
+
+def test_every_method_has_a_test_here():
+    tested = {name.split("test_")[1].split("_")[0] for name in globals() if name.startswith("test_")}
+    families = {name.split("_")[0] for name in METHODS}
+    assert families <= tested | {"della", "dare", "breadcrumbs"}, families - tested
