@@ -19,12 +19,17 @@ _API = {
     "finetune": "lmforge.finetune.sft:finetune",
     "dpo": "lmforge.finetune.dpo:dpo",
     "tune": "lmforge.finetune.search:tune",
+    "distill": "lmforge.distill.run:distill",
+    "merge": "lmforge.merge.run:merge",
     "load_records": "lmforge.data.sources:load_records",
     "split_records": "lmforge.data.sources:split_records",
     "render_example": "lmforge.data.chat:render_example",
     "make_tiny_llama": "lmforge.models.tiny:make_tiny_llama",
     "TASKS": "lmforge.eval.tasks:TASKS",
     "UserError": "lmforge.errors:UserError",
+    "run_recipe": "lmforge.recipe.runner:run_recipe",
+    "demo": "lmforge.recipe.demo:demo",
+    "compare": "lmforge.report.compare:compare",
 }
 __all__ = sorted(_API)
 

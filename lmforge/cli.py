@@ -14,7 +14,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from lmforge.distill.command import distill_command
 from lmforge.errors import UserError
+from lmforge.merge.command import merge_command
+from lmforge.recipe.command import compare_command, demo_command, run_command
 
 app = typer.Typer(
     help="Make a language model better for a job: fine-tune, distill, merge, and compare honestly.",
@@ -95,6 +98,7 @@ def dpo_command(
     model: Annotated[str | None, typer.Option(help="model reference (default: 'default')")] = None,
     data: Annotated[str | None, typer.Option(help="preference data file (prompt, chosen, rejected)")] = None,
     out: Annotated[str | None, typer.Option(help="output model folder")] = None,
+    method: Annotated[str | None, typer.Option(help="lora | full")] = None,
     loss: Annotated[str | None, typer.Option(help="sigmoid | ipo")] = None,
     beta: Annotated[float | None, typer.Option(help="KL strength (> 0)")] = None,
     steps: Annotated[int | None, typer.Option(help="optimiser steps")] = None,
@@ -102,13 +106,14 @@ def dpo_command(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
-    """Preference tuning (DPO or IPO) of a LoRA adapter; flags override the config file."""
+    """Preference tuning (DPO or IPO), LoRA or full; flags override the config file."""
     from lmforge.finetune.dpo import dpo
 
     flags = {
         "model": model,
         "data.path": data,
         "output": out,
+        "method": method,
         "loss_type": loss,
         "beta": beta,
         "train.max_steps": steps,
@@ -122,13 +127,15 @@ def dpo_command(
 def tune_command(
     args: Annotated[list[str], typer.Argument(help="CONFIG.yaml [key.sub=value ...]")],
     trials: Annotated[int | None, typer.Option(help="trials in the study, in total")] = None,
+    top_k_soup: Annotated[int | None, typer.Option(help="also average the k best trials into <output>/soup")] = None,
     resume: Annotated[bool, typer.Option(help="continue the study in the output folder")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder and its study")] = False,
 ) -> None:
     """Search SFT hyperparameters (Optuna TPE, median pruning); the best trial goes to <output>/best."""
     from lmforge.finetune.search import tune
 
-    config, overrides = _config_and_overrides(args, {"trials": trials}, {"resume": resume, "overwrite": overwrite})
+    flags = {"trials": trials, "top_k_soup": top_k_soup}
+    config, overrides = _config_and_overrides(args, flags, {"resume": resume, "overwrite": overwrite})
     results = tune(config, overrides)
     console.print(f"best trial {results.best_trial} (val_loss {results.best_value:.4f}) in {results.best}")
 
@@ -141,6 +148,13 @@ def _config_and_overrides(
     config = args.pop(0) if args and args[0].endswith((".yaml", ".yml")) else None
     overrides = args + [f"{key}={value}" for key, value in flags.items() if value is not None]
     return config, overrides + [f"{key}=true" for key, on in switches.items() if on]
+
+
+app.command("distill")(distill_command)
+app.command("merge")(merge_command)
+app.command("run")(run_command)
+app.command("demo")(demo_command)
+app.command("compare")(compare_command)
 
 
 @app.command("tasks")

@@ -1,0 +1,44 @@
+"""The `lmforge distill` verb: flags for the common case over `lmforge.distill(config, overrides)`.
+
+Kept out of cli.py so the distillation command and its flags live with distillation; cli.py registers it.
+Nothing here imports torch, so `lmforge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def distill_command(
+    args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key.sub=value ...]")] = None,
+    teacher: Annotated[str | None, typer.Option(help="teacher model reference (default: 'default')")] = None,
+    student: Annotated[str | None, typer.Option(help="student model sharing the teacher's tokenizer")] = None,
+    student_layers: Annotated[
+        int | None, typer.Option("--student-layers", help="build the student from this many teacher layers")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="built-in task to distill on (its train split)")] = None,
+    data: Annotated[str | None, typer.Option(help="data file or folder to distill on")] = None,
+    out: Annotated[str | None, typer.Option(help="output model folder")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimiser steps")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+) -> None:
+    """Distil a teacher into a smaller student (built from its layers, or given); flags override the config."""
+    from lmforge.cli import _config_and_overrides, console
+    from lmforge.distill.run import distill
+
+    flags = {
+        "teacher": teacher,
+        "student": student,
+        "student_layers": student_layers,
+        "data.task": task,
+        "data.path": data,
+        "output": out,
+        "train.max_steps": steps,
+        "train.lr": lr,
+    }
+    config, overrides = _config_and_overrides(args, flags, {"overwrite": overwrite, "resume": resume})
+    console.print(f"distilled student in {distill(config, overrides)}")

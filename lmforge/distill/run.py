@@ -1,0 +1,475 @@
+"""`lmforge distill`: a smaller student learns from a teacher, through the one training loop.
+
+Reads top to bottom: check the objectives, read the data (a file, or a built-in task's train split) and split
+off validation, load the teacher (bf16 on GPU), prepare the signal (dataset completions; teacher-written
+targets; step-by-step rationales), build the student (layers picked from the teacher by a rule, or a given
+model sharing the tokenizer), print the init-quality line (student vs random init vs teacher on a held-out
+batch), score the teacher, optionally cache its top-k signal and let it go, train with the chunked
+distillation loss (on-policy batches are sampled in `collate`), keep the best validation checkpoint, and write
+a full model folder with lmforge.yaml, run.json (teacher and student side by side: scores, retention, size and
+speed ratios), log.jsonl and a model card. Interrupted runs resume from `<output>.work/` with `resume: true`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lmforge import config as config_io
+from lmforge.data.chat import IGNORE_INDEX
+from lmforge.data.sources import split_records
+from lmforge.distill import rationale as step_by_step
+from lmforge.distill import signals
+from lmforge.distill import student as students
+from lmforge.distill.objectives import DenseTeacher, Objective, check_objectives, distill_loss
+from lmforge.distill.rationale import RationaleSettings
+from lmforge.distill.signals import SignalSettings
+from lmforge.errors import UserError
+from lmforge.eval.run import evaluate, metrics_of
+from lmforge.eval.speed import measure_footprint
+from lmforge.finetune.lora import LoraSettings, attach_lora, merge_and_verify
+from lmforge.finetune.sft import DataSettings, EvalSettings, _print_progress, load_records_for, tokenize
+from lmforge.models.load import LoadedModel, load_model
+from lmforge.outputs import staged_output
+from lmforge.report.record import RunMeter, run_record, write_json
+from lmforge.train.loop import TrainConfig, restore_best, train
+
+log = logging.getLogger("lmforge.distill")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A distillation run: teacher, student, objectives, signal, training."""
+
+    output: str
+    """Output model folder (a full student model)."""
+    teacher: str = "default"
+    """Teacher model reference: default, a folder, a .gguf file or a hub id."""
+    student: str | None = None
+    """A smaller model sharing the teacher's tokenizer, or a config.json (random init); null: built from the
+    teacher's layers."""
+    student_layers: int | None = None
+    """Teacher layers the built student keeps (null: half of them)."""
+    layer_rule: Literal["measured", "first_last", "stride"] = "measured"
+    """Which teacher layers a built student keeps (measured: the drop that hurts least on a calibration batch)."""
+    student_intermediate: int | None = None
+    """Narrower MLP width for a built student (null: the teacher's)."""
+    method: Literal["full", "lora"] = "full"
+    """Train every student weight, or a LoRA adapter merged into the student at the end."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objectives: list[Objective] = field(default_factory=lambda: [Objective("forward_kl")])
+    """Weighted loss terms: forward_kl, reverse_kl, jsd, skew_kl, skew_rkl, tv, ce (labels)."""
+    signal: SignalSettings = field(default_factory=SignalSettings)
+    rationale: RationaleSettings = field(default_factory=RationaleSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    chunk_size: int = 256
+    """Positions whose vocabulary logits exist at once in the loss."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+    resume: bool = False
+    """Continue an interrupted run from <output>.work/."""
+
+
+class Guards:
+    """Warnings that a run is going wrong, each printed once and counted for run.json."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def warn(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        if self.counts[kind] == 1:
+            log.warning("%s (warned once; run.json counts every time)", message)
+
+    def check(self, stats: dict) -> None:
+        if stats["tokens"] == 0:
+            self.warn("empty_mask", "a micro-batch has no completion token to distill (empty completion mask)")
+            return
+        if stats.get("nonfinite"):
+            self.warn("nonfinite", f"{stats['nonfinite']} divergence values are NaN or infinite")
+        if stats.get("negative"):
+            self.warn("negative", f"{stats['negative']} divergence values are negative (numerical trouble)")
+        teacher_h = stats.get("teacher_entropy")
+        collapsed = teacher_h is not None and stats["student_entropy"] < 0.1 * teacher_h
+        if collapsed and teacher_h / stats["tokens"] > 0.1:
+            self.warn(
+                "entropy_collapse",
+                f"student entropy collapsed ({stats['student_entropy'] / stats['tokens']:.3f} nats per token vs "
+                f"the teacher's {teacher_h / stats['tokens']:.3f}): lower train.lr or add a forward_kl term",
+            )
+
+
+def make_loss_fn(teacher, cache, objectives: Sequence[Objective], vocab: int, chunk_size: int, guards: Guards):
+    """loss_fn(model, batch) -> (summed loss, metrics) for the loop: student rows against the teacher's signal."""
+    names = sorted({o.loss for o in objectives})
+
+    def loss_fn(model, batch: dict):
+        rows, weight, bias, targets = students.completion_rows(model, batch, vocab)
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
+        if len(targets) and int(targets.max()) >= vocab:
+            raise UserError(f"label id {int(targets.max())} is outside the {vocab} tokens both models share")
+        if cache is not None:
+            teacher_signal = cache.teacher_for(batch)
+        else:
+            with torch.no_grad():
+                t_rows, t_weight, t_bias, _ = students.completion_rows(teacher, batch, vocab)
+            teacher_signal = DenseTeacher(t_rows, t_weight, t_bias)
+        weights = batch["weights"][:, 1:][keep] if "weights" in batch else None
+        ce_mask = batch["label_is_data"][:, None].expand_as(keep)[keep].float() if "label_is_data" in batch else None
+        loss, stats = distill_loss(
+            rows, weight, teacher_signal, targets, objectives, weights, chunk_size, bias, ce_mask
+        )
+        guards.check(stats)
+        n = max(stats["tokens"], 1)
+        return loss, {"tokens": stats["tokens"]} | {name: stats.get(name, 0.0) / n for name in names}
+
+    return loss_fn
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def validation(rows: list[dict], collate: Callable, loss_fn: Callable, batch_size: int = 8):
+    """An evaluate function for the loop: the distillation loss per token on the validation rows."""
+
+    def score(model) -> dict:
+        device = next(model.parameters()).device
+        total, tokens = 0.0, 0
+        for start in range(0, len(rows), batch_size):
+            batch = _to(collate(rows[start : start + batch_size]), device)
+            loss, metrics = loss_fn(model, batch)
+            total, tokens = total + loss.item(), tokens + metrics["tokens"]
+        return {"val_loss": total / max(tokens, 1)}
+
+    return score
+
+
+def distill(config: str | Path | DistillConfig | None = None, overrides: Sequence[str] = ()) -> Path:
+    """Python entry point: a YAML path (or a DistillConfig, or nothing) plus key.sub=value overrides."""
+    return run_distill(config_io.resolve(config, DistillConfig, overrides))
+
+
+def _check(cfg: DistillConfig) -> None:
+    check_objectives(cfg.objectives)
+    if cfg.train.lr <= 0:
+        raise UserError(f"train.lr must be > 0, got {cfg.train.lr}")
+    if cfg.student is not None and cfg.student_layers is not None:
+        raise UserError("give student (a model) or student_layers (layers kept from the teacher), not both")
+    if cfg.student_layers is not None and cfg.student_layers < 1:
+        raise UserError(f"student_layers must be >= 1, got {cfg.student_layers}")
+    if not 0 <= cfg.signal.on_policy_fraction <= 1:
+        raise UserError(f"signal.on_policy_fraction must be in [0, 1], got {cfg.signal.on_policy_fraction}")
+    if cfg.signal.temperature <= 0 or cfg.signal.top_k < 1 or cfg.signal.max_new_tokens < 1:
+        raise UserError("signal.temperature must be > 0, signal.top_k and signal.max_new_tokens >= 1")
+    if cfg.data.packing and (cfg.signal.kind == "on_policy" or cfg.rationale.enabled):
+        raise UserError("data.packing does not mix with on_policy signals or rationales: set data.packing: false")
+    if cfg.rationale.enabled and cfg.signal.kind in ("sequence", "on_policy"):
+        raise UserError(f"rationale.enabled goes with signal.kind offline or cached, not {cfg.signal.kind}")
+    if cfg.chunk_size < 1:
+        raise UserError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
+
+
+def _prepare_rows(cfg, teacher, tokenizer, records, work: Path, key: list) -> list[dict]:
+    """Training rows for the signal kind: dataset, teacher-written, or both tasks of step-by-step."""
+    if cfg.rationale.enabled:
+        labels, rationales = step_by_step.rationale_records(
+            teacher,
+            tokenizer,
+            records,
+            cfg.rationale,
+            work / "rationales.jsonl",
+            signals.fingerprint(key, cfg.rationale),
+        )
+        return step_by_step.weigh(
+            tokenize(labels, tokenizer, cfg.data), tokenize(rationales, tokenizer, cfg.data), cfg.rationale.alpha
+        )
+    if cfg.signal.kind == "sequence":
+        from lmforge.data.chat import chat_prompt
+
+        path = Path(cfg.signal.cache) if cfg.signal.cache else work / "sequence_targets.jsonl"
+        prompts = [chat_prompt(tokenizer, r["prompt"]) for r in records]
+        sequence_key = signals.fingerprint(key, cfg.signal.max_new_tokens)
+        records = signals.sequence_targets(teacher, tokenizer, records, prompts, cfg.signal, path, sequence_key)
+    return tokenize(records, tokenizer, cfg.data)
+
+
+def _build_student(cfg, teacher_loaded: LoadedModel, calibration: dict, work: Path) -> tuple:
+    """(student model, its tokenizer, shared vocabulary, random-init quality, description for run.json)."""
+    teacher = teacher_loaded.model
+    device = teacher.device
+    if cfg.student is not None:
+        if cfg.student.endswith(".json"):
+            from transformers import AutoConfig
+
+            settings = json.loads(Path(cfg.student).read_text(encoding="utf-8"))
+            student_config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+            model = students.random_student(student_config, cfg.train.seed).to(device)
+            tokenizer = teacher_loaded.tokenizer
+        else:
+            loaded = load_model(cfg.student, device=str(device))
+            model, tokenizer = loaded.model, loaded.tokenizer
+            students.check_vocabularies(teacher_loaded.tokenizer, tokenizer)
+        students.check_heads(model)
+        vocab = students.shared_vocab(teacher, model)
+        random_init = students.random_student(model.config, cfg.train.seed).to(device)
+        baseline = students.quality(random_init, teacher, calibration, vocab)
+        del random_init
+        return model, tokenizer, vocab, baseline, {"ref": cfg.student}
+    total = len(students.decoder_layers(teacher))
+    keep = cfg.student_layers or max(total // 2, 1)
+    if keep >= total:
+        raise UserError(f"student_layers={keep} keeps every one of the teacher's {total} layers: choose fewer")
+    chosen = work / "student.json"
+    candidates: list[dict] = []
+    if cfg.resume and chosen.is_file():
+        layers = json.loads(chosen.read_text())["layers"]
+    elif cfg.layer_rule == "measured":
+        layers, candidates = students.measured_layers(
+            teacher, calibration, keep, students.shared_vocab(teacher, teacher)
+        )
+        log.info(
+            "measured layer rule: kept %s (KL %.3f; first_last %.3f, stride %.3f)",
+            layers,
+            candidates[0]["kl"],
+            *(
+                next(c["kl"] for c in candidates if c["layers"] == rule(total, keep))
+                for rule in students.LAYER_RULES.values()
+            ),
+        )
+    else:
+        layers = students.LAYER_RULES[cfg.layer_rule](total, keep)
+    work.mkdir(parents=True, exist_ok=True)
+    chosen.write_text(json.dumps({"layers": layers, "candidates": candidates}))
+    importance = students.mlp_importance(teacher, calibration) if cfg.student_intermediate else None
+    config = students.student_config(teacher, layers, cfg.student_intermediate)
+    model = students.random_student(config, cfg.train.seed).to(device)
+    vocab = students.shared_vocab(teacher, model)
+    baseline = students.quality(model, teacher, calibration, vocab)  # before the teacher's weights go in
+    students.copy_teacher_weights(model, teacher, layers, importance)
+    description = {"from_teacher_layers": layers, "rule": cfg.layer_rule, "intermediate": cfg.student_intermediate}
+    return model, teacher_loaded.tokenizer, vocab, baseline, description
+
+
+def run_distill(cfg: DistillConfig) -> Path:
+    """Distill, score teacher and student side by side, and write the output folder; returns its path."""
+    meter = RunMeter()
+    _check(cfg)
+    output, work = Path(cfg.output), Path(f"{cfg.output}.work")
+    if output.exists() and not (cfg.overwrite or cfg.resume):
+        raise UserError(f"output folder {output} exists: set overwrite: true (or --overwrite), or resume: true")
+    if not cfg.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    records = load_records_for(cfg)
+    if not records:
+        raise UserError("the dataset is empty: check data.path / data.task and data.limit")
+    train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher_loaded = load_model(cfg.teacher, dtype="bfloat16" if device == "cuda" else "float32", device=device)
+    teacher, tokenizer = teacher_loaded.model, teacher_loaded.tokenizer
+    teacher.requires_grad_(False)
+    students.check_heads(teacher)
+    key = [signals.teacher_key(teacher_loaded.folder), cfg.data, cfg.train.seed]
+    train_rows = _prepare_rows(cfg, teacher, tokenizer, train_records, work, key)
+    val_rows = tokenize(val_records, tokenizer, cfg.data) if val_records else []
+    for index, row in enumerate(train_rows + val_rows):
+        row["row"] = index  # the cached teacher signal is indexed by row
+    collate = signals.batch_collate(tokenizer.pad_token_id)
+    calibration = _to(collate((val_rows or train_rows)[:8]), device)
+
+    student, student_tokenizer, vocab, random_quality, described = _build_student(
+        cfg, teacher_loaded, calibration, work
+    )
+    student_params = sum(p.numel() for p in student.parameters())
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    if student_params >= teacher_params:
+        log.warning("the student (%d parameters) is not smaller than the teacher (%d)", student_params, teacher_params)
+    init = {
+        "student": students.quality(student, teacher, calibration, vocab),
+        "random_init": random_quality,
+        "teacher": students.quality(teacher, teacher, calibration, vocab),
+    }
+    log.info(
+        "init quality (completion CE, KL to teacher): student %.3f, %.3f | random init %.3f, %.3f | teacher CE %.3f",
+        init["student"]["ce"],
+        init["student"]["kl"],
+        random_quality["ce"],
+        random_quality["kl"],
+        init["teacher"]["ce"],
+    )
+    if init["student"]["kl"] >= random_quality["kl"]:
+        log.warning("the student starts further from the teacher than a random init: try layer_rule: measured")
+
+    tasks = [t for t in [cfg.eval.task or cfg.data.task] if t] + (["probe"] if cfg.eval.probe else [])
+
+    def score(loaded: LoadedModel) -> dict | None:
+        return (
+            evaluate(loaded, tasks, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size, footprint=False)
+            if tasks
+            else None
+        )
+
+    teacher_scores = score(teacher_loaded)
+    cache = None
+    if cfg.signal.kind == "cached":
+        cache = _cached_signal(cfg, teacher, train_rows + val_rows, collate, vocab, work, key)
+        teacher_loaded.model = teacher = None  # training runs without the teacher in memory
+        gc.collect()
+
+    torch.manual_seed(cfg.train.seed)
+    model = attach_lora(student, cfg.lora) if cfg.method == "lora" else student.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    guards = Guards()
+    loss_fn = make_loss_fn(teacher, cache, cfg.objectives, vocab, cfg.chunk_size, guards)
+    train_collate = collate
+    if cfg.signal.kind == "on_policy":
+        train_collate = signals.on_policy(
+            collate, model, cfg.signal, tokenizer.pad_token_id, tokenizer.eos_token_id, guards.warn
+        )
+    history = train(
+        model,
+        train_rows,
+        loss_fn,
+        train_collate,
+        cfg.train,
+        work,
+        evaluate=validation(val_rows, collate, loss_fn) if val_rows else None,
+        resume=cfg.resume,
+        on_log=_print_progress(cfg.train.max_steps),
+    )
+    restore_best(model, work)
+    model.eval()
+    final = merge_and_verify(model, [_to(collate(train_rows[:4]), device)]) if cfg.method == "lora" else model
+    final = final.to("cpu")
+
+    with staged_output(output, overwrite=True) as staging:
+        final.save_pretrained(staging)
+        student_tokenizer.save_pretrained(staging)
+        config_io.dump(cfg, staging / "lmforge.yaml")
+        shutil.copy(work / "log.jsonl", staging / "log.jsonl")
+        student_loaded = LoadedModel(final, student_tokenizer, str(output), staging, 0.0)
+        student_scores = score(student_loaded)
+        footprint = {"student": measure_footprint(student_loaded)}
+        if teacher_loaded.model is None:  # cached signal: the teacher comes back only once the student has gone
+            student_loaded = final = model = student = None
+            gc.collect()
+            teacher_loaded = load_model(cfg.teacher)
+        footprint["teacher"] = measure_footprint(
+            dataclasses.replace(teacher_loaded, model=teacher_loaded.model.cpu().float())
+        )
+        record = run_record(
+            "distill",
+            f"distill-{cfg.method}-{cfg.signal.kind}",
+            meter,
+            inputs={"teacher": {"ref": cfg.teacher, "folder": str(teacher_loaded.folder)}, "student": described},
+            data={
+                "path": cfg.data.path,
+                "task": cfg.data.task,
+                "train_records": len(train_records),
+                "val_records": len(val_records),
+                "train_rows": len(train_rows),
+            },
+            config=config_io.to_dict(cfg),
+            tokens_seen=sum(h.get("input_tokens", 0) for h in history if "loss" in h),
+            params_total=student_params,
+            params_trainable=trainable,
+            size_bytes=footprint["student"]["size_bytes"],
+            metrics=metrics_of(student_scores) if student_scores else {},
+        )
+        record |= comparison(teacher_scores, student_scores, footprint)
+        record |= {"init_quality": init, "guards": dict(guards.counts)}
+        write_json(staging / "run.json", record)
+        (staging / "README.md").write_text(_model_card(cfg, record), encoding="utf-8")
+    _print_comparison(record)
+    shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def _cached_signal(cfg, teacher, rows, collate, vocab: int, work: Path, key: list):
+    """Write the teacher's top-k signal once (or reuse a matching file) and read it back."""
+    from safetensors import safe_open
+
+    path = Path(cfg.signal.cache) if cfg.signal.cache else work / "teacher_topk.safetensors"
+    temperatures = sorted({o.temperature for o in cfg.objectives if o.loss != "ce"}) or [1.0]
+    cache_key = signals.fingerprint(key, cfg.signal.top_k, temperatures, len(rows), vocab)
+    current = None
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            current = (handle.metadata() or {}).get("key")
+    if current != cache_key:
+        log.info("writing the teacher's top-%d signal for %d rows to %s", cfg.signal.top_k, len(rows), path)
+        signals.write_topk_cache(teacher, rows, collate, vocab, cfg.signal.top_k, temperatures, path, cache_key)
+    return signals.TopKCache(path)
+
+
+def comparison(teacher_scores: dict | None, student_scores: dict | None, footprint: dict) -> dict:
+    """Teacher metrics, retention (student / teacher) per metric, and size and speed ratios."""
+    teacher_metrics = metrics_of(teacher_scores) if teacher_scores else {}
+    student_metrics = metrics_of(student_scores) if student_scores else {}
+    retention = {}
+    for task, metrics in teacher_metrics.items():
+        for metric in ("exact_match", "acc", "acc_norm"):
+            if metric in metrics and metrics[metric]["value"]:
+                ratio = student_metrics[task][metric]["value"] / metrics[metric]["value"]
+                retention.setdefault(task, {})[metric] = round(ratio, 4)
+    t, s = footprint["teacher"], footprint["student"]
+    ratios = {
+        "params": round(s["params_total"] / t["params_total"], 4),
+        "bytes": round(s["size_bytes"] / t["size_bytes"], 4),
+        "ms_per_token": round(s["ms_per_token"] / t["ms_per_token"], 4) if t["ms_per_token"] else None,
+        "speedup": round(t["ms_per_token"] / s["ms_per_token"], 3) if s["ms_per_token"] else None,
+    }
+    return {"teacher_metrics": teacher_metrics, "retention": retention, "footprint": footprint, "ratios": ratios}
+
+
+def _rows(record: dict) -> list[tuple[str, str, float, float]]:
+    return [
+        (task, metric, cell["value"], record["metrics"][task][metric]["value"])
+        for task, metrics in record["teacher_metrics"].items()
+        for metric, cell in metrics.items()
+        if metric in ("exact_match", "acc", "perplexity")
+    ]
+
+
+def _print_comparison(record: dict) -> None:
+    for task, metric, teacher, student in _rows(record):
+        log.info("%s %s: teacher %.4f -> student %.4f", task, metric, teacher, student)
+    r = record["ratios"]
+    log.info(
+        "student/teacher: parameters %.2fx, bytes %.2fx, generation speed %sx", r["params"], r["bytes"], r["speedup"]
+    )
+
+
+def _model_card(cfg: DistillConfig, record: dict) -> str:
+    r, f = record["ratios"], record["footprint"]
+    terms = ", ".join(f"{o.weight} x {o.loss} (T={o.temperature})" for o in cfg.objectives)
+    lines = [
+        f"# {Path(cfg.output).name}",
+        "",
+        f"Distilled from `{cfg.teacher}` by lmforge ({cfg.method}, {cfg.signal.kind} signal; {terms}).",
+        "",
+        "| task | metric | teacher | student |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {t} | {m} | {a:.4f} | {b:.4f} |" for t, m, a, b in _rows(record)]
+    lines += [
+        "",
+        "| | teacher | student | ratio |",
+        "|---|---|---|---|",
+        f"| parameters | {f['teacher']['params_total']:,} | {f['student']['params_total']:,} | {r['params']} |",
+        f"| bytes | {f['teacher']['size_bytes']:,} | {f['student']['size_bytes']:,} | {r['bytes']} |",
+        f"| ms per token | {f['teacher']['ms_per_token']} | {f['student']['ms_per_token']} | {r['ms_per_token']} |",
+    ]
+    return "\n".join(lines + ["", "The full recipe is in lmforge.yaml; costs and scores in run.json."]) + "\n"

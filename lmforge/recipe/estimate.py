@@ -1,0 +1,250 @@
+"""Rough time and memory of a recipe step, before it runs (`lmforge run --dry-run`, and the progress ETA).
+
+How it is estimated: from the models' parameter counts P (read from safetensors headers and config.json,
+nothing loaded), the step's optimiser steps, rows and tokens per row, and a few rates measured on this
+project's 2-core CPU machine with SmolLM2-135M (docs/benchmarks.md):
+- training: 6·P FLOP per token at 1.2e11 FLOP/s (LoRA SFT ran 152 tokens/s); full SFT the same; a
+  distillation teacher's forward 2·P at the same rate;
+- scoring text (probe, teacher forward): 2·P FLOP per token at 5e10 FLOP/s (probe: 9,908 tokens in 51 s);
+- generating: 0.64 s per test record for 135M parameters (batch 8), scaled by P;
+- footprint: 12 s for 135M, scaled by P; merging: every input read and the output written at 150 MB/s;
+- every step pays ~8 s to start a process, import torch and load a model.
+Memory is a peak-RSS guess: 0.45 GB of runtime plus fp32 weights (4·P bytes, times 1.9 while scoring,
+times 4 more for full training's gradients and Adam state) plus saved activations (33 x batch x tokens x
+layers x hidden x 4 bytes, fitted to 2.6 GB for LoRA SFT at batch 8). Expect +-50%: the figures are for
+planning, and the run records measure the real costs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TRAIN_FLOPS = 1.2e11
+SCORE_FLOPS = 5e10
+GEN_S_PER_RECORD = 0.64
+FOOTPRINT_S = 12.0
+REF_PARAMS = 134.5e6
+IO_BYTES_PER_S = 150e6
+START_S = 8.0
+RUNTIME_BYTES = 0.45e9
+ACTIVATION_FACTOR = 33
+PROBE_TOKENS, PROBE_DOCS = 9908, 24
+TASK_RECORDS = 200
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimates need to know about a model."""
+
+    params: int
+    layers: int
+    hidden: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A step's guessed cost, how it was guessed, and the model it will produce (for later steps)."""
+
+    seconds: float
+    peak_bytes: float
+    basis: str
+    output: ModelFacts | None = None
+
+
+FactsOf = Callable[[str], "ModelFacts | None"]
+
+
+def nothing(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
+    """Steps that only read JSON (compare): seconds, no model."""
+    return Estimate(3.0, RUNTIME_BYTES / 2, "reads run records only")
+
+
+def data(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
+    """Steps that write task records (data)."""
+    return Estimate(3.0, RUNTIME_BYTES / 2, "writes built-in task records")
+
+
+def select(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
+    known = []
+    for candidate in config.get("candidates", []):
+        scored = _eval_model(str(candidate))  # an eval run that exists names its model
+        facts = facts_of(str(candidate)) or (facts_of(scored) if scored else None)
+        known += [facts] if facts else []
+    return Estimate(1.0, RUNTIME_BYTES / 2, "reads run records only", known[0] if known else None)
+
+
+def model_facts(folder: str | Path) -> ModelFacts | None:
+    """Facts of an existing model folder (a PEFT adapter counts as its base), or None when unreadable."""
+    folder = Path(folder)
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file() and not (folder / "config.json").is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        return facts_of_ref(base) if base else None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    params = sum(_header_numel(f) for f in folder.glob("*.safetensors"))
+    text = config.get("text_config", config)
+    return ModelFacts(
+        params=params or int(REF_PARAMS),
+        layers=int(text.get("num_hidden_layers", 1)),
+        hidden=int(text.get("hidden_size", 1)),
+        vocab=int(text.get("vocab_size", 1)),
+    )
+
+
+def facts_of_ref(ref: str) -> ModelFacts | None:
+    """Facts of any model reference that exists on disk ('default' is converted once, as a run would)."""
+    from lmforge.errors import UserError
+    from lmforge.models.load import resolve_model
+
+    path = Path(ref)
+    if path.is_dir():
+        return model_facts(path)
+    try:
+        return model_facts(resolve_model(ref))
+    except UserError:
+        return None
+
+
+def _header_numel(file: Path) -> int:
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return sum(math.prod(meta["shape"]) for name, meta in header.items() if name != "__metadata__")
+
+
+def _eval_model(run_folder: str) -> str | None:
+    """The model folder an existing eval run scored (None before it has run)."""
+    try:
+        return json.loads((Path(run_folder) / "run.json").read_text())["inputs"]["model"]["folder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _scale(facts: ModelFacts | None) -> float:
+    return (facts.params if facts else REF_PARAMS) / REF_PARAMS
+
+
+def _weights(facts: ModelFacts | None) -> float:
+    return 4.0 * (facts.params if facts else REF_PARAMS)
+
+
+def _tokens_per_row(data: Mapping[str, Any]) -> float:
+    """Tokens of one training row: the first 64 records measured (chars / 4 + 30 for the chat template), from a
+    built-in task or an existing file; 100 for a file that a step has not written yet."""
+    cap = float(data.get("max_length", 512))
+    chars: list[int] = []
+    if data.get("task"):
+        from lmforge.data import synthetic
+
+        with contextlib.suppress(Exception):  # an unknown task fails in the step's own check
+            chars = [len(r["prompt"]) + len(r["answer"]) for r in synthetic.examples(data["task"], "train")[:64]]
+    elif data.get("path") and Path(data["path"]).is_file():
+        with open(data["path"], encoding="utf-8") as handle:
+            chars = [len(line) for line, _ in zip(handle, range(64), strict=False)]
+    return min(cap, sum(chars) / len(chars) / 4 + 30 if chars else 100.0)
+
+
+def _scoring_seconds(facts: ModelFacts | None, generate_records: int, probe: bool, probe_limit: int | None) -> float:
+    seconds = generate_records * GEN_S_PER_RECORD * _scale(facts)
+    if probe:
+        docs = min(PROBE_DOCS, probe_limit or PROBE_DOCS)
+        params = facts.params if facts else REF_PARAMS
+        seconds += PROBE_TOKENS * docs / PROBE_DOCS * 2 * params / SCORE_FLOPS
+    return seconds
+
+
+def _training(train: Mapping[str, Any], data: Mapping[str, Any], facts: ModelFacts | None, full: bool):
+    steps = int(train.get("max_steps", 100))
+    batch = int(train.get("batch_size", 8))
+    rows = steps * batch * int(train.get("grad_accum", 1))
+    per_row = _tokens_per_row(data)
+    params = facts.params if facts else REF_PARAMS
+    seconds = rows * per_row * 6 * params / TRAIN_FLOPS
+    layers, hidden = (facts.layers, facts.hidden) if facts else (30, 576)
+    activations = ACTIVATION_FACTOR * batch * per_row * layers * hidden * 4
+    peak = RUNTIME_BYTES + _weights(facts) * (1.5 + (4 if full else 0)) + activations
+    return seconds, peak, f"{steps} steps x {batch * int(train.get('grad_accum', 1))} rows x ~{per_row:.0f} tokens"
+
+
+def finetune(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
+    facts = facts_of(str(config.get("model", "default")))
+    data, evals = config.get("data") or {}, config.get("eval") or {}
+    seconds, peak, basis = _training(config.get("train") or {}, data, facts, config.get("method") == "full")
+    scored = min(int(evals.get("limit", 50)), TASK_RECORDS) if (evals.get("task") or data.get("task")) else 0
+    checks = 2 * _scoring_seconds(facts, scored, evals.get("probe", True), None)  # before and after
+    return Estimate(START_S + seconds + checks, peak, f"{basis}; base and result scored on {scored} records", facts)
+
+
+def distill(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
+    teacher = facts_of(str(config.get("teacher", "default")))
+    student_ref = config.get("student")
+    student = facts_of(str(student_ref)) if student_ref else None
+    if student is None and teacher is not None:
+        layers = int(config.get("student_layers") or max(1, teacher.layers // 2))
+        embed = teacher.vocab * teacher.hidden
+        body = max(teacher.params - embed, 0) * layers / max(teacher.layers, 1)
+        student = ModelFacts(int(embed + body), layers, teacher.hidden, teacher.vocab)
+    data, train = config.get("data") or {}, config.get("train") or {}
+    seconds, peak, basis = _training(train, data, student, config.get("method", "full") == "full")
+    rows = int(train.get("max_steps", 100)) * int(train.get("batch_size", 8)) * int(train.get("grad_accum", 1))
+    # the teacher's forward on short rows runs at the training rate (2·P of the 6·P per token)
+    teacher_s = rows * _tokens_per_row(data) * 2 * (teacher.params if teacher else REF_PARAMS) / TRAIN_FLOPS
+    footprints = FOOTPRINT_S * (_scale(teacher) + _scale(student))  # distill measures both models
+    evals = config.get("eval") or {}
+    scored = min(int(evals.get("limit", 50)), TASK_RECORDS) if (evals.get("task") or data.get("task")) else 0
+    checks = _scoring_seconds(teacher, scored, False, None) + _scoring_seconds(student, scored, False, None)
+    return Estimate(
+        START_S + seconds + teacher_s + checks + footprints,
+        peak + _weights(teacher),
+        f"{basis}; teacher forward on every row",
+        student,
+    )
+
+
+def merge(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
+    from lmforge.recipe.kinds import merge_models
+
+    refs = [r for r in merge_models(dict(config)) if r]
+    inputs = [facts_of(r) for r in dict.fromkeys(refs)]
+    known = [f for f in inputs if f]
+    out = known[0] if known else None
+    moved = sum(_weights(f) for f in known) + _weights(out)
+    seconds = START_S + moved / IO_BYTES_PER_S
+    method = str(config.get("merge_method", ""))
+    basis = f"{len(inputs)} models read, one written at {IO_BYTES_PER_S / 1e6:.0f} MB/s"
+    if method == "greedy_soup":
+        tasks_limit = _soup_scoring(config, out)
+        seconds += tasks_limit
+        basis += f"; each of {len(inputs)} candidate soups scored"
+    largest = (out.vocab * out.hidden * 4) if out else 0.11e9
+    return Estimate(seconds, RUNTIME_BYTES + (len(inputs) + 2) * largest, basis, out)
+
+
+def _soup_scoring(config: Mapping[str, Any], facts: ModelFacts | None) -> float:
+    """A greedy soup scores one candidate soup per input model on its held-out records."""
+    params = config.get("parameters") or {}
+    limit = int(params.get("limit", 50)) if isinstance(params, Mapping) else 50
+    return len(config.get("models") or []) * (START_S + _scoring_seconds(facts, limit, False, None))
+
+
+def evaluation(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
+    facts = facts_of(str(config.get("model", "")))
+    tasks = list(config.get("tasks") or [])
+    limit = config.get("limit")
+    records = min(int(limit or TASK_RECORDS), TASK_RECORDS) * len([t for t in tasks if t != "probe"])
+    seconds = START_S + _scoring_seconds(facts, records, "probe" in tasks, limit)
+    if config.get("footprint", True):
+        seconds += FOOTPRINT_S * _scale(facts)
+    peak = RUNTIME_BYTES + _weights(facts) * 1.9
+    return Estimate(seconds, peak, f"{records} generations" + (" + probe" if "probe" in tasks else ""), facts)

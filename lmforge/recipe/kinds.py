@@ -1,0 +1,263 @@
+"""Step kinds: what a recipe step may be, as one dict of plain records [STYLE 4].
+
+Each `Kind` says how the runner checks a step's config before anything runs (the command's own config
+schema), which keys name models (checked to exist), where the output folder goes, how to guess its cost
+(`estimate.py`) and how to run it: `run(config_file, output, overwrite) -> output`, a call to the public
+API with the YAML file the runner wrote. finetune, distill and merge are the commands of those names;
+`eval` is `run_eval`; `data` writes built-in task records as files; `select` picks the best model among
+eval runs (so a recipe can distill "the best merge"); `compare` writes the report. A kind whose module
+is not installed is refused before any step runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lmforge import config as config_io
+from lmforge.errors import UserError
+from lmforge.recipe import estimate
+from lmforge.recipe.schema import models_at
+
+Runner = Callable[[Path, Path, bool], Path]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What the runner needs to know about one kind of step."""
+
+    run: Runner
+    """(config file, output folder, overwrite) -> the step's result, the path ${steps.NAME.output} names."""
+    check: Callable[[dict, str], None]
+    """Validate a config (references already replaced by future paths); raises a one-line UserError."""
+    models: Callable[[dict], list[str]] = lambda config: []
+    """Model references the config names, checked to exist before anything runs."""
+    estimate: Callable[[dict, estimate.FactsOf], estimate.Estimate] = estimate.nothing
+    """Time and memory guess for --dry-run and the progress ETA."""
+    output_key: str | None = "output"
+    """Config key that receives the output folder (None: the API takes it as an argument)."""
+    needs: str = ""
+    """Module that must be importable for this kind to exist in this install."""
+
+    def missing(self) -> str:
+        """Why the kind cannot run here ('' when it can)."""
+        if self.needs and importlib.util.find_spec(self.needs) is None:
+            return f"{self.needs} is not installed"
+        return ""
+
+
+@dataclass(frozen=True)
+class EvalStep:
+    """An `eval` step: `run_eval` with these arguments."""
+
+    model: str
+    """Model reference or a step's output."""
+    tasks: list[str]
+    """Built-in task names or .jsonl task files."""
+    output: str | None = None
+    """Set by the runner."""
+    limit: int | None = None
+    """Score only the first N records of each task (the probe included)."""
+    num_fewshot: int = 0
+    """k example turns before each prompt."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+    footprint: bool = True
+    """Measure size, speed and memory."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16."""
+
+
+@dataclass(frozen=True)
+class SelectStep:
+    """A `select` step: the model of the best eval run among candidates."""
+
+    candidates: list[str]
+    """Eval run folders (usually ${steps.NAME.output} of eval steps)."""
+    tasks: list[str]
+    """Tasks whose headline metric decides (higher is better)."""
+    rule: Literal["mean", "min"] = "mean"
+    """Rank by the mean over tasks, or by the worst task."""
+    output: str | None = None
+    """Set by the runner: holds the choice as run.json."""
+
+
+@dataclass(frozen=True)
+class CompareStep:
+    """A `compare` step: `lmforge compare` over run folders."""
+
+    runs: list[str]
+    """Run folders, each optionally LABEL=PATH."""
+    baseline: str | None = None
+    """Row the deltas are taken against (default: the first)."""
+    title: str = "lmforge comparison"
+    """Report title."""
+    output: str | None = None
+    """Set by the runner: report.md, report.html, plots/."""
+
+
+@dataclass(frozen=True)
+class DataStep:
+    """A `data` step: built-in task records written as files later steps read.
+
+    Writes OUTPUT/train.jsonl ({prompt, completion}: data.path of finetune or distill) and OUTPUT/task.jsonl
+    ({prompt, answer}: a user task for eval or a greedy soup), the tasks interleaved so any prefix is mixed.
+    """
+
+    tasks: list[str]
+    """Built-in tasks to draw from."""
+    count: int
+    """Records per task."""
+    split: Literal["train", "test"] = "train"
+    """Fixed split to draw from."""
+    start: int = 0
+    """Index of the first record (records before it are left out, e.g. those a fine-tune trains on)."""
+    output: str | None = None
+    """Set by the runner."""
+
+
+def _checker(cls_path: str) -> Callable[[dict, str], None]:
+    """A check that builds the command's config dataclass from the step's config."""
+
+    def check(config: dict, where: str) -> None:
+        module, name = cls_path.split(":")
+        config_io.from_dict(config, getattr(importlib.import_module(module), name), where)
+
+    return check
+
+
+def _run_finetune(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from lmforge.finetune.sft import finetune
+
+    return finetune(config_file, ["overwrite=true"] if overwrite else [])
+
+
+def _run_distill(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from lmforge.distill.run import distill
+
+    return distill(config_file, ["overwrite=true"] if overwrite else [])
+
+
+def _run_merge(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from lmforge.merge.run import merge
+
+    return merge(config_file, output, overwrite=overwrite)
+
+
+def _run_eval(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from lmforge.eval.run import run_eval
+    from lmforge.report.tables import print_results
+
+    step = config_io.load(config_file, EvalStep)
+    folder, results = run_eval(
+        step.model,
+        step.tasks,
+        out_dir=output,
+        overwrite=overwrite,
+        limit=step.limit,
+        num_fewshot=step.num_fewshot,
+        batch_size=step.batch_size,
+        footprint=step.footprint,
+        dtype=step.dtype,
+    )
+    print_results(results)
+    return folder
+
+
+def _run_data(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from lmforge.data import synthetic
+    from lmforge.outputs import staged_output
+
+    step = config_io.load(config_file, DataStep)
+    drawn = [synthetic.examples(task, step.split)[step.start : step.start + step.count] for task in step.tasks]
+    if min(len(records) for records in drawn) < step.count:
+        end = step.start + step.count
+        raise UserError(f"{config_file}: the {step.split} split has fewer than start + count = {end} records")
+    mixed = [record for group in zip(*drawn, strict=True) for record in group]
+    with staged_output(output, overwrite) as staging:
+        train = [json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n" for r in mixed]
+        (staging / "train.jsonl").write_text("".join(train), encoding="utf-8")
+        (staging / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed), encoding="utf-8")
+    return output
+
+
+def _run_select(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from lmforge.recipe.select import select_best
+
+    step = config_io.load(config_file, SelectStep)
+    return select_best(step.candidates, step.tasks, step.rule, output, overwrite)
+
+
+def _run_compare(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from rich.console import Console
+
+    from lmforge.report.compare import compare, print_comparison
+
+    step = config_io.load(config_file, CompareStep)
+    comparison = compare(step.runs, baseline=step.baseline, out=output, title=step.title, overwrite=overwrite)
+    print_comparison(comparison, Console())
+    return output
+
+
+def merge_models(config: dict) -> list[str]:
+    """Model references in a mergekit config: models[].model, base_model, slices[].sources[].model."""
+    found = models_at(config, "base_model")
+    entries = list(config.get("models") or [])
+    for piece in config.get("slices") or []:
+        entries += piece.get("sources") or [] if isinstance(piece, dict) else []
+    for entry in entries:
+        found += [entry] if isinstance(entry, str) else models_at(entry, "model") if isinstance(entry, dict) else []
+    return found
+
+
+def _check_merge(config: dict, where: str) -> None:
+    from lmforge.merge.config import read  # the merge command's own validator
+
+    try:
+        read(config)
+    except UserError as err:
+        raise UserError(f"{where}: {str(err).removeprefix('config: ')}") from None
+
+
+def _check_select(config: dict, where: str) -> None:
+    step = config_io.from_dict(config, SelectStep, where)
+    if not step.candidates or not step.tasks:
+        raise UserError(f"{where}: 'candidates' and 'tasks' must each name at least one item")
+
+
+KINDS: dict[str, Kind] = {
+    "finetune": Kind(
+        run=_run_finetune,
+        check=_checker("lmforge.finetune.sft:SFTConfig"),
+        models=lambda config: models_at(config, "model") or ["default"],
+        estimate=estimate.finetune,
+    ),
+    "distill": Kind(
+        run=_run_distill,
+        check=_checker("lmforge.distill.run:DistillConfig"),
+        models=lambda config: models_at(config, "teacher", "student"),
+        estimate=estimate.distill,
+        needs="lmforge.distill",
+    ),
+    "merge": Kind(
+        run=_run_merge,
+        check=_check_merge,
+        models=merge_models,
+        estimate=estimate.merge,
+        output_key=None,
+        needs="lmforge.merge",
+    ),
+    "eval": Kind(
+        run=_run_eval,
+        check=_checker("lmforge.recipe.kinds:EvalStep"),
+        models=lambda config: models_at(config, "model"),
+        estimate=estimate.evaluation,
+    ),
+    "data": Kind(run=_run_data, check=_checker("lmforge.recipe.kinds:DataStep"), estimate=estimate.data),
+    "select": Kind(run=_run_select, check=_check_select, estimate=estimate.select),
+    "compare": Kind(run=_run_compare, check=_checker("lmforge.recipe.kinds:CompareStep")),
+}

@@ -1,0 +1,197 @@
+"""`lmforge distill` end to end on tiny models: outputs, side-by-side report, resume, LoRA, CLI, bad inputs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge import cli
+from lmforge import config as config_io
+from lmforge.distill import run as distill_run
+from lmforge.distill.run import DistillConfig, run_distill
+from lmforge.errors import UserError
+from lmforge.models.load import load_model
+from lmforge.models.tiny import make_tiny_llama
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_timing_repeat():
+    """The footprint's timings are medians of 3 runs; one is enough to check the record is written."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distill_run, "measure_footprint", functools.partial(distill_run.measure_footprint, repeats=1))
+        yield
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("teacher4"), layers=4, seed=0)
+
+
+def make_cfg(teacher, out, *overrides):
+    base = [
+        f"teacher={teacher}",
+        f"output={out}",
+        "student_layers=2",
+        "data.task=dates",
+        "data.limit=40",
+        "train.max_steps=6",
+        "train.batch_size=8",
+        "train.lr=5e-3",
+        "train.save_every=100",
+        "eval.limit=2",
+        "eval.batch_size=2",
+        "eval.probe=false",
+    ]
+    return config_io.load(None, DistillConfig, base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def straight(teacher, tmp_path_factory):
+    return run_distill(make_cfg(teacher, tmp_path_factory.mktemp("runs") / "straight"))
+
+
+def losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_distill_writes_a_loadable_student_and_a_side_by_side_record(straight, teacher):
+    trained = losses(straight)
+    assert len(trained) == 6 and trained[-1] < trained[0]
+    record = json.loads((straight / "run.json").read_text())
+    assert record["command"] == "distill" and record["method"] == "distill-full-offline"
+    assert (
+        record["inputs"]["student"]["from_teacher_layers"] == [0, 1]
+        or len(record["inputs"]["student"]["from_teacher_layers"]) == 2
+    )
+    assert set(record["metrics"]) == {"dates"} and set(record["teacher_metrics"]) == {"dates"}
+    ratios = record["ratios"]
+    assert 0.5 < ratios["params"] < 0.8 and 0.5 < ratios["bytes"] < 0.8 and ratios["speedup"] > 0
+    assert record["footprint"]["teacher"]["ms_per_token"] > 0
+    init = record["init_quality"]
+    assert init["teacher"]["kl"] == pytest.approx(0, abs=1e-5) and init["random_init"]["kl"] > 0
+    assert config_io.load(straight / "lmforge.yaml", DistillConfig).student_layers == 2
+    assert "| dates | exact_match |" in (straight / "README.md").read_text()
+    assert not (straight.parent / "straight.work").exists()
+    student = load_model(straight)
+    assert student.model.config.num_hidden_layers == 2
+    assert sum(p.numel() for p in student.model.parameters()) == record["params_total"]
+
+
+def test_resume_after_an_interruption_gives_the_same_run(straight, teacher, tmp_path, monkeypatch):
+    def kill_at_3(max_steps):
+        def on_log(entry):
+            if entry.get("step") == 3 and "loss" in entry:
+                raise KeyboardInterrupt
+
+        return on_log
+
+    out = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        patch.setattr(distill_run, "_print_progress", kill_at_3)
+        with pytest.raises(KeyboardInterrupt):
+            run_distill(make_cfg(teacher, out))
+    assert not out.exists() and (tmp_path / "killed.work" / "checkpoint").is_dir()
+    resumed = run_distill(make_cfg(teacher, out, "resume=true"))
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+
+
+def test_lora_on_a_given_student_merges_into_a_full_model(teacher, tmp_path, caplog):
+    bigger = make_tiny_llama(tmp_path / "bigger", layers=6, seed=5)
+    with caplog.at_level(logging.WARNING, logger="lmforge.distill"):
+        out = run_distill(
+            make_cfg(teacher, tmp_path / "lora", f"student={bigger}", "student_layers=null", "method=lora")
+        )
+    assert "not smaller than the teacher" in caplog.text
+    record = json.loads((out / "run.json").read_text())
+    assert record["method"] == "distill-lora-offline" and record["params_trainable"] > 0
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert load_model(out).model.config.num_hidden_layers == 6
+
+
+def test_cached_signal_trains_without_the_teacher_in_memory(teacher, tmp_path, monkeypatch):
+    seen = []
+    original = distill_run.make_loss_fn
+
+    def spy(teacher_model, cache, *args):
+        seen.append((teacher_model, cache))
+        return original(teacher_model, cache, *args)
+
+    monkeypatch.setattr(distill_run, "make_loss_fn", spy)
+    cache = tmp_path / "topk.safetensors"
+    cfg = make_cfg(
+        teacher, tmp_path / "cached", "signal.kind=cached", "signal.top_k=8", f"signal.cache={cache}",
+        "objectives=[{loss: forward_kl, temperature: 2.0}, {loss: ce, weight: 0.5}]",
+    )  # fmt: skip
+    out = run_distill(cfg)
+    assert seen[0][0] is None and seen[0][1] is not None
+    assert cache.is_file() and losses(out)[-1] < losses(out)[0]
+    stamp = cache.stat().st_mtime_ns
+    run_distill(config_io.load(None, DistillConfig, [*_overrides(cfg), "overwrite=true"]))
+    assert cache.stat().st_mtime_ns == stamp  # the same teacher, data and settings reuse the file
+
+
+def _overrides(cfg):
+    return [f"{k}={json.dumps(v)}" for k, v in config_io.to_dict(cfg).items() if not isinstance(v, dict)] + [
+        f"{section}.{k}={json.dumps(v)}"
+        for section, values in config_io.to_dict(cfg).items()
+        if isinstance(values, dict)
+        for k, v in values.items()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("objectives=[{loss: forward_kl, temperature: 0}]", "temperature must be > 0"),
+        ("objectives=[{loss: jsd, beta: 1.5}]", r"beta must be in \[0, 1\]"),
+        ("student_layers=4", "keeps every one"),
+        ("student=somewhere", "not both"),
+        ("signal.on_policy_fraction=2", "on_policy_fraction"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(teacher, tmp_path, override, message):
+    with pytest.raises(UserError, match=message) as err:
+        run_distill(make_cfg(teacher, tmp_path / "bad", override))
+    assert "\n" not in str(err.value)
+
+
+def test_empty_dataset_is_an_error(teacher, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty"):
+        run_distill(make_cfg(teacher, tmp_path / "x", "data.task=null", f"data.path={empty}"))
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_bad_input_is_one_line(teacher, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(
+        monkeypatch, capsys, "distill", "--teacher", str(teacher), "--task", "dates", "--out", str(tmp_path / "o"),
+        "objectives=[{loss: jsd, beta: -1}]",
+    )  # fmt: skip
+    assert code == 2 and err.strip().startswith("lmforge: error: ") and "beta" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, out, _ = run_cli(monkeypatch, capsys, "distill", "--help")
+    assert code == 0 and "--student-layers" in out
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("distill_*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load(path):
+    cfg = config_io.load(path, DistillConfig)
+    assert cfg.output and cfg.train.lr > 0 and cfg.objectives
