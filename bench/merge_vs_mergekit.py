@@ -54,19 +54,6 @@ NOISE = 0.05  # fine-tune stand-in: each tensor + N(0, (NOISE * its std)^2)
 # ~1.17B parameters, bfloat16: 2 x 49152 x 2048 embeddings + 16 x 60.8M per layer.
 BIG = {"hidden": 2048, "layers": 16, "intermediate": 8192, "heads": 32, "kv_heads": 8, "vocab": 49152}
 BIG_SHARD_BYTES = 1 << 30
-# Linux carries a process's RSS high-water mark across fork + exec, so a child of this (torch-laden) script reports
-# at least this script's peak RSS. The launcher is a fresh small interpreter that forks the tool and reports the
-# tool's own ru_maxrss (KiB) from wait4 into argv[1]; peers.measure still gives wall and CPU time.
-LAUNCHER = """import os, sys
-pid = os.fork()
-if pid == 0:
-    import ctypes
-    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: dies with the launcher (peers.measure's timeout)
-    os.execvp(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-open(sys.argv[1], "w").write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
 NEED_1B_RAM_GB, NEED_1B_DISK_GB = 14, 12  # mergekit's ~11 GB RSS + page cache headroom; inputs + two outputs
 
 
@@ -262,9 +249,7 @@ def timed(case: str, tool: str, repeat: int, args, config: Path, files: list[Pat
     load = os.getloadavg()[0]
     print(f"  [{repeat + 1}/{args.repeats}] {case:<10} {tool:<9} ...", end=" ", flush=True)
     logs = out.parent / "logs"
-    command = [sys.executable, "-S", "-c", LAUNCHER, str(logs / f"{case}-{tool}-{repeat}.rss"), *command]
-    wall, cpu, _ = peers.measure(command, env, logs / f"{case}-{tool}-{repeat}.log", args.timeout)
-    rss = int((logs / f"{case}-{tool}-{repeat}.rss").read_text()) / 1024
+    wall, cpu, rss = peers.measure(command, env, logs / f"{case}-{tool}-{repeat}.log", args.timeout)
     print(f"{wall:7.1f} s wall, {cpu:7.1f} s cpu, {rss:7.0f} MB peak RSS (load before {load:.1f})", flush=True)
     return Run(case, tool, repeat, wall, cpu, rss, load)
 
@@ -286,6 +271,8 @@ def agreement(case: str, config: dict, ours: Path, theirs: Path) -> dict:
     result |= {"worst_tensor": None, "tensors_over_1e-6": 0, "elements_over_1e-6": 0, "excused_ties": 0}
     if case == "dare_ties":
         result["note"] = "random masks: values are not comparable"
+    elif config["dtype"] == "bfloat16":  # merge_conformance compares against mergekit's float32 rerun instead
+        result["note"] = "mergekit computes in bfloat16 (its top-k ranks rounded deltas), lmforge in float32"
     for name in sorted(set(mine) & set(peer)):
         a, b = (safe_open(where[name], framework="pt").get_tensor(name).float() for where in (mine, peer))
         if a.shape != b.shape:

@@ -3,7 +3,8 @@
 `ensure_peer_venv` installs the CPU torch wheel first (a bare torch requirement pulls a multi-GB CUDA
 build), then the peer with the libraries both sides share pinned to lmforge's versions, so a comparison is
 between the tools, not library releases. `measure` runs one command and reads its wall time, CPU time and
-peak RSS from os.wait4, so each tool is measured in a process of its own.
+peak RSS from os.wait4, so each tool is measured in a process of its own, launched from a small interpreter so
+the benchmark script's own memory does not count.
 """
 
 from __future__ import annotations
@@ -45,11 +46,29 @@ def ensure_peer_venv(venv: Path, peer: str, distribution: str, shared_pins: tupl
     return python
 
 
+# Linux carries a process's RSS high-water mark across fork + exec, so a child of a benchmark script that has
+# imported torch reports at least the script's own peak RSS (`true` launched from a 600 MB Python reports 611 MB).
+# The launcher is a fresh small interpreter that forks the tool and writes the tool's own ru_maxrss (KiB, from
+# wait4) into argv[1]; the tool's children are included, as wait4 counts waited-for descendants.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: dies with the launcher (measure's timeout)
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def measure(command: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[float, float, float]:
-    """Run `command` to completion: (wall seconds, CPU seconds, peak RSS MB of the child and its descendants)."""
+    """Run `command` to completion: (wall seconds, CPU seconds, peak RSS MB of the command and its descendants)."""
+    rss_file = log.with_name(log.name + ".maxrss")
+    launched = [sys.executable, "-S", "-c", LAUNCHER, str(rss_file), *command]
     with open(log, "w") as handle:
         start = time.perf_counter()
-        child = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        child = subprocess.Popen(launched, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
         timer = threading.Timer(timeout_s, child.kill)
         timer.start()
         try:
@@ -61,7 +80,7 @@ def measure(command: list[str], env: dict[str, str], log: Path, timeout_s: float
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"{command[0]} exited with {code}; last lines of {log}:\n{tail}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+    return wall, usage.ru_utime + usage.ru_stime, int(rss_file.read_text()) / 1024  # ru_maxrss is KiB on Linux
 
 
 def main_python() -> Path:
