@@ -7,8 +7,9 @@ same records: the first `--train + --val` records of the built-in `dates` task's
 (lmforge reads them from a jsonl file with `data.val_fraction`; TRL gets the same training records as a
 conversational prompt-completion dataset, so it applies the chat template and trains on completions only, listed in
 the order lmforge's loop draws them and read sequentially, so both tools see the same batches in the same order).
-Same batch size, steps, peak learning rate and schedule (cosine or constant, no warmup, AdamW with weight decay 0,
-gradient clipping at 1.0), max sequence length; no packing, no gradient checkpointing, nothing evaluated during
+Same batch size, steps, peak learning rate (default 1e-4, low enough that 30 steps stop short of
+convergence, so the validation losses compare) and schedule (cosine or constant, no warmup, AdamW with weight
+decay 0, gradient clipping at 1.0), max sequence length; no packing, no gradient checkpointing, nothing evaluated during
 training. lmforge scores nothing before/after (data from a file, no eval.task, eval.probe false); it still computes
 its end-of-training validation loss, which TRL does not, so its training time is read from its log.jsonl.
 
@@ -454,7 +455,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val", type=int, default=20, help="validation records (default 20)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30, help="optimiser steps (default 30)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4: short of convergence)"
+    )
     parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="no warmup either way")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
