@@ -21,8 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/lmforge eval default --task dates --task arithmetic --task kv_recall --task extraction --task sorting \
-		--task probe --limit 50
+	$(BIN)/lmforge demo --out runs/demo
 
 test: setup
 	$(BIN)/ruff check .

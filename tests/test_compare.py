@@ -127,10 +127,11 @@ def test_verdicts_say_plainly_what_paid_off(runs):
     comparison = compare(specs(runs), baseline="base")
     verdicts = comparison.verdicts
     assert verdicts["expert_dates"] == "paid off: dates +0.950"
-    assert verdicts["expert_extraction"].startswith("paid off: extraction +0.850, but probe perplexity rose 14%")
+    assert verdicts["expert_extraction"] == "paid off: extraction +0.850, but probe perplexity rose +14.3% (forgetting)"
     assert verdicts["merge_good"].startswith("paid off: one model keeps >= 80%")
     assert verdicts["merge_bad"] == "did not pay off: keeps only 32% of expert_dates's dates gain"
     assert verdicts["student"].startswith("paid off: keeps >= 90% of the teacher's score")
+    assert verdicts["student"].endswith("but probe perplexity rose +28.6% (forgetting)")  # 18.0 vs 14.0
     detail = {row[0]: row for row in comparison.tables[3].rows}
     assert "keeps 89% of expert_dates's dates gain" in detail["merge_good"][5]  # 0.85 / 0.95
     assert "keeps 88% of expert_extraction's extraction gain" in detail["merge_good"][5]  # 0.75 / 0.85

@@ -389,7 +389,9 @@ def method_details(rows: list[Row], base: Row, tasks: list[str]) -> tuple[dict[s
             verdict, kept = _distill_verdict(row, teacher, scored)
         probe = _probe_change(row, base)
         if probe is not None:
-            kept.append(f"probe perplexity {probe:+.1%}")
+            kept.append(f"probe perplexity {_change(probe)}")
+            if probe > FORGETS:  # whatever the task scores say, general text got worse: say so
+                verdict += f", but probe perplexity rose {_change(probe)} (forgetting)"
         verdicts[row.label] = verdict
         cost = row.cost or {}
         body.append(
@@ -406,6 +408,11 @@ def method_details(rows: list[Row], base: Row, tasks: list[str]) -> tuple[dict[s
     return verdicts, body
 
 
+def _change(share: float) -> str:
+    """A relative change: +3.9%, or x1,025 once it is more than double."""
+    return f"{share:+.1%}" if share < 1 else f"x{1 + share:,.0f}"
+
+
 def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3f}"
 
@@ -417,11 +424,9 @@ def _finetune_verdict(row: Row, base: Row, targets: list[str]) -> str:
     delta, noise = _delta(row, base, task), _noise(row, base, task)
     if delta is None:
         return f"not scored on its task {task}"
-    probe = _probe_change(row, base)
-    forgot = f", but probe perplexity rose {probe:.0%} (forgetting)" if probe is not None and probe > FORGETS else ""
     if delta > noise and delta > 0:
-        return f"paid off: {task} {delta:+.3f}{forgot}"
-    return f"did not pay off: {task} {delta:+.3f} is within noise (+-{noise:.3f}){forgot}"
+        return f"paid off: {task} {delta:+.3f}"
+    return f"did not pay off: {task} {delta:+.3f} is within noise (+-{noise:.3f})"
 
 
 def _merge_verdict(row: Row, base: Row, experts: list[Row]) -> tuple[str, list[str]]:
@@ -507,7 +512,7 @@ def method_summary(rows: list[Row], base: Row, tasks: list[str], verdicts: dict[
         return span([r.footprint.get("size_bytes") for r in group], _mb)
 
     def retention(group: list[Row]) -> str:
-        changes = span([_probe_change(r, base) for r in group], lambda v: f"{v:+.1%}")
+        changes = span([_probe_change(r, base) for r in group], _change)
         return "-" if changes == "-" else f"probe perplexity {changes}"
 
     def paid(group: list[Row]) -> str:
