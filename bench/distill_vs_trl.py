@@ -65,8 +65,9 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 OFFLINE |= {"TRL_EXPERIMENTAL_SILENCE": "1"}  # GKDTrainer lives in trl.experimental
 BETA, TEMPERATURE = 0.5, 1.0
 # (tool, signal): lmforge's signal.kind, or TRL's off_policy / on_policy.
-RUNS = (("trl", "off_policy"), ("lmforge", "offline"), ("trl", "on_policy"), ("lmforge", "on_policy"))
-RUNS += (("lmforge", "cached"),)
+RUNS = (
+    ("trl", "off_policy"), ("lmforge", "offline"), ("trl", "on_policy"), ("lmforge", "on_policy"), ("lmforge", "cached")
+)  # fmt: skip
 CASES = {  # case -> (lmforge run, TRL run, step-time target, peak-RSS target)
     "online": (("lmforge", "offline"), ("trl", "off_policy"), 0.7, 0.7),
     "on_policy": (("lmforge", "on_policy"), ("trl", "on_policy"), None, None),
@@ -281,61 +282,33 @@ def trl_order(train: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def lmforge_config(args: argparse.Namespace, signal: str, teacher: Path, student: Path, data: Path, out: Path) -> dict:
-    """A distill config as a dict (written as JSON, which is YAML)."""
+    """A distill config as a dict (written as JSON, which is YAML); no task scoring before/after, as in TRL."""
+    train = dict(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, grad_accum=1, warmup_steps=0)
+    train |= dict(schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=0, save_every=args.steps + 1)
+    fraction = args.lmbda if signal == "on_policy" else 0.0
     return {
         "output": str(out),
         "teacher": str(teacher),
         "student": str(student),
         "method": "full",
         "overwrite": True,
-        "data": {
-            "path": str(data),
-            "val_fraction": args.val / (args.train + args.val),
-            "max_length": args.max_length,
-            "packing": False,
-        },
-        "train": {
-            "lr": args.lr,
-            "max_steps": args.steps,
-            "batch_size": args.batch_size,
-            "grad_accum": 1,
-            "warmup_steps": 0,
-            "schedule": "cosine",
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "eval_every": 0,
-            "save_every": args.steps + 1,
-            "seed": args.seed,
-        },
+        "data": dict(path=str(data), val_fraction=args.val / (args.train + args.val), max_length=args.max_length),
+        "train": train | {"seed": args.seed},
         "objectives": [{"loss": "jsd", "weight": 1.0, "beta": BETA, "temperature": TEMPERATURE}],
-        "signal": {
-            "kind": signal,
-            "on_policy_fraction": args.lmbda if signal == "on_policy" else 0.0,
-            "temperature": TEMPERATURE,  # sampling, as TRL's GKDConfig.temperature
-            "max_new_tokens": args.max_new_tokens,
-        },
-        "eval": {"probe": False},  # no task scoring before/after (TRL scores nothing either)
+        "signal": dict(  # samples at T, as TRL's GKDConfig.temperature
+            kind=signal, on_policy_fraction=fraction, temperature=TEMPERATURE, max_new_tokens=args.max_new_tokens
+        ),
+        "eval": {"probe": False},
     }
 
 
 def trl_spec(args: argparse.Namespace, signal: str, teacher: Path, student: Path, train: list, run_dir: Path) -> dict:
-    return {
-        "teacher": str(teacher),
-        "student": str(student),
-        "train": train,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "lr": args.lr,
-        "max_length": args.max_length,
-        "seed": args.seed,
-        "lmbda": args.lmbda if signal == "on_policy" else 0.0,
-        "beta": BETA,
-        "temperature": TEMPERATURE,
-        "max_new_tokens": args.max_new_tokens,
-        "scratch": str(run_dir / "scratch"),
-        "out": str(run_dir / "student"),
-        "report": str(run_dir / "report.json"),
-    }
+    return dict(
+        teacher=str(teacher), student=str(student), train=train, batch_size=args.batch_size, steps=args.steps,
+        lr=args.lr, max_length=args.max_length, seed=args.seed, lmbda=args.lmbda if signal == "on_policy" else 0.0,
+        beta=BETA, temperature=TEMPERATURE, max_new_tokens=args.max_new_tokens, scratch=str(run_dir / "scratch"),
+        out=str(run_dir / "student"), report=str(run_dir / "report.json"),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- measuring
@@ -667,37 +640,14 @@ def print_table(summary: dict, scores: dict) -> None:
 
 
 def print_checks(checks: dict, divisors: dict) -> None:
-    print("\nGKD loss checks on fixed logits (TRL's own compute_loss / generalized_jsd_loss; lmforge's distill_loss):")
+    print("\nGKD loss on fixed logits (TRL's own compute_loss / generalized_jsd_loss; lmforge's distill_loss):")
     print(f"{'':<16} {'TRL trained':>12} {'TRL fn(T)':>12} {'lmforge':>12} {'lmforge/T^2':>12}")
     for name, v in checks["temperature"].items():
-        ours = [f"{v[k]:12.6f}" if k in v else f"{'-':>12}" for k in ("lmforge", "lmforge_over_t2")]
-        print(f"{name:<16} {v['trl_trained']:12.6f} {v['trl_function']:12.6f} " + " ".join(ours))
-    op = checks["on_policy"]
-    print(
-        f"on-policy, TRL: {op['generated_completion_tokens']} generated tokens divided by the dataset's "
-        f"{op['dataset_completion_tokens']}: loss {op['trl_loss']:.4f} "
-        f"(true per-token JSD {op['true_per_token_jsd']:.4f}, ln 2 = {op['ln2']:.4f})"
-    )
-    ours = checks["lmforge"].get("on_policy")
-    if ours:
-        print(
-            f"on-policy, lmforge (tiny llamas): dataset {ours['dataset_completion_tokens']} tokens, generated "
-            f"{ours['generated_completion_tokens']}, loop divides by {ours['loop_divisor']}: per-token JSD "
-            f"{ours['per_token_jsd']:.4f} (divided by the dataset's count: {ours['if_divided_by_dataset_tokens']:.4f})"
-        )
-    if "trl" in divisors:
-        trl = divisors["trl"]
-        print(
-            f"TRL on-policy run: {trl['generated_tokens_trained']} generated tokens trained, divided by "
-            f"{trl['divided_by_dataset_tokens']} dataset tokens; step loss up to {trl['max_step_loss']:.4f} "
-            f"(true per-token up to {trl['max_true_per_token_loss']:.4f}, JSD(0.5) <= ln 2 = {math.log(2):.4f})"
-        )
-    if "lmforge" in divisors:
-        ours = divisors["lmforge"]
-        print(
-            f"lmforge on-policy run: divided by the {ours['divided_by_trained_tokens']} tokens trained; "
-            f"step loss up to {ours['max_step_loss']:.4f}"
-        )
+        values = [v.get(k, math.nan) for k in ("trl_trained", "trl_function", "lmforge", "lmforge_over_t2")]
+        print(f"{name:<16} " + " ".join(f"{value:12.6f}" for value in values))
+    print("on-policy, TRL on fixed logits: " + json.dumps(checks["on_policy"]))
+    print("on-policy, lmforge (tiny llamas): " + json.dumps(checks["lmforge"].get("on_policy")))
+    print("on-policy runs: " + json.dumps(divisors))
     print("verdicts: " + json.dumps(checks["verdicts"]))
 
 
