@@ -171,3 +171,25 @@ def test_guards_warn_once_and_count(caplog):
     assert dict(guards.counts) == {"empty_mask": 1, "nonfinite": 2, "negative": 2, "entropy_collapse": 2}
     assert caplog.text.count("NaN or infinite") == 1 and "entropy collapsed" in caplog.text
     assert "empty completion mask" in caplog.text
+
+
+def test_accumulation_equals_one_big_batch(pair, tmp_path):
+    """Batch 1 x accumulation 4 gives batch 4's update: the summed loss is divided by the step's tokens."""
+    teacher, student = pair
+    rows = tokenize(
+        [{"prompt": f"Say {w}.", "completion": w * (i + 1)} for i, w in enumerate(["a", "bc", "def", "g"])],
+        student.tokenizer,
+        DataSettings(max_length=64),
+    )
+    vocab = shared_vocab(teacher.model, student.model)
+    objectives = [Objective("forward_kl", temperature=2.0), Objective("ce", 0.5)]
+    results = []
+    for batch_size, accum in ((4, 1), (1, 4)):
+        model = load_model(student.folder).model.train()
+        loss_fn = make_loss_fn(teacher.model, None, objectives, vocab, 16, Guards())
+        cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=batch_size, grad_accum=accum, save_every=100)
+        history = train(model, rows, loss_fn, batch_collate(0), cfg, tmp_path / f"{batch_size}x{accum}")
+        results.append(([h["loss"] for h in history], model.lm_head.weight.detach().clone()))
+    (loss_a, w_a), (loss_b, w_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    torch.testing.assert_close(w_a, w_b, atol=1e-5, rtol=1e-4)

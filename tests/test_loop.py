@@ -11,7 +11,14 @@ from safetensors.torch import load_file
 
 from lmforge.data.chat import IGNORE_INDEX, render_example
 from lmforge.models.load import load_model
-from lmforge.train.loop import TrainConfig, epoch_order, learning_rate_factor, restore_best, train
+from lmforge.train.loop import (
+    TrainConfig,
+    epoch_order,
+    learning_rate_factor,
+    restore_best,
+    split_by_tokens,
+    train,
+)
 
 
 def plain_loss(model, batch):
@@ -68,6 +75,38 @@ def test_batch1_accum8_equals_batch8_accum1(tiny_llama, rows, tmp_path):
         history = train(model, rows, plain_loss, collate, cfg, tmp_path / f"{batch_size}x{accum}")
         results.append((weights(model), [h["loss"] for h in history]))
     (w_a, loss_a), (w_b, loss_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in w_a:
+        torch.testing.assert_close(w_a[name], w_b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_split_by_tokens_makes_the_fewest_equal_parts_that_fit():
+    batch = [{"input_ids": [1] * n} for n in (10, 30, 20, 5, 7, 8)]  # padded: 6 x 30 = 180 tokens
+    assert split_by_tokens(batch, 0) == [batch]
+    assert split_by_tokens(batch, 180) == [batch]
+    assert [len(p) for p in split_by_tokens(batch, 100)] == [3, 3]
+    assert [len(p) for p in split_by_tokens(batch, 50)] == [1, 1, 1, 1, 1, 1]  # 4 parts of 2 would not fit
+    assert [len(p) for p in split_by_tokens(batch, 1)] == [1] * 6  # never less than one row
+    pairs = [{"chosen_input_ids": [1] * 10, "rejected_input_ids": [1] * 20}] * 4  # a pair is 30 tokens
+    assert [len(p) for p in split_by_tokens(pairs, 60)] == [2, 2]
+
+
+def test_token_budget_split_gives_the_same_update(tiny_llama, rows, tmp_path):
+    """Splitting each batch to fit micro_batch_tokens runs smaller forwards but gives the unsplit update."""
+    results = []
+    for budget in (0, 40):
+        sizes = []
+
+        def counting_collate(batch, sizes=sizes):
+            sizes.append(len(batch))
+            return collate(batch)
+
+        model = fresh(tiny_llama)
+        cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=8, micro_batch_tokens=budget, save_every=100)
+        history = train(model, rows, plain_loss, counting_collate, cfg, tmp_path / f"budget{budget}")
+        results.append((weights(model), [h["loss"] for h in history], sizes))
+    (w_a, loss_a, sizes_a), (w_b, loss_b, sizes_b) = results
+    assert set(sizes_a) == {8} and max(sizes_b) < 8 and sum(sizes_b) == sum(sizes_a)
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for name in w_a:
         torch.testing.assert_close(w_a[name], w_b[name], atol=1e-5, rtol=1e-4)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import lmforge
 from lmforge.cli import app
 from lmforge.merge import config as merge_config
-from lmforge.merge import engine, plan, soup
+from lmforge.merge import engine, plan, search, soup
 from lmforge.merge.run import merge
 from lmforge.models.tiny import make_tiny_llama
 
@@ -78,6 +78,28 @@ def test_streaming_equals_in_memory_for_sharded_and_row_chunked_output(models, t
         want = (inputs[0][name] + 2 * inputs[1][name] + 3 * inputs[2][name]) / 6
         torch.testing.assert_close(tensor, want, rtol=1e-6, atol=1e-7)
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_two_pass_row_chunks_equal_whole_tensors(models, tmp_path, monkeypatch, method):
+    config = _ties(models, merge_method=method)
+    whole = weights(merge(config, tmp_path / "whole", progress=False))
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 512)  # cuts first, then many row chunks per tensor
+    monkeypatch.setattr(engine, "WHOLE_BYTES", 1024)
+    items = engine.work_items(plan.build(merge_config.read(config), _opened(config)).tensors, _method(method), None)
+    assert any(i.cut_of is not None for i in items) and any(i.rows for i in items)
+    chunked = weights(merge(config, tmp_path / "chunked", progress=False))
+    assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
+
+
+def _opened(config: dict) -> list[plan.InputModel]:
+    return [plan.open_model(ref, Path(ref)) for ref in merge_config.read(config).referenced()]
+
+
+def _method(name: str):
+    from lmforge.merge.methods import METHODS
+
+    return METHODS[name]
 
 
 def test_bfloat16_output_is_the_float32_result_rounded_once(models, tmp_path):
@@ -211,7 +233,7 @@ def test_greedy_soup_keeps_a_candidate_only_when_the_score_improves(models, tmp_
     def fake_score(loaded, task, limit, metric):
         return next(answers), "exact_match"
 
-    monkeypatch.setattr(soup, "_score", fake_score)
+    monkeypatch.setattr(soup, "score_task", fake_score)
     monkeypatch.setattr(
         soup, "load_model", lambda folder: type("L", (), {"folder": folder, "model": torch.nn.Linear(1, 1)})()
     )
@@ -231,6 +253,51 @@ def test_greedy_soup_keeps_a_candidate_only_when_the_score_improves(models, tmp_
         weights(out)["model.norm.weight"],
         (weights(models[1])["model.norm.weight"] + weights(models[2])["model.norm.weight"]) / 2,
     )
+
+
+def test_weight_search_picks_the_weights_whose_weakest_task_is_best(models, tmp_path, monkeypatch):
+    base, a, b = (str(m) for m in models)
+    seen = []
+
+    def fake_score(loaded, task, limit, metric):
+        """The first combination is strong on x and weak on y; every later one is balanced."""
+        seen.append(loaded.model.model.norm.weight.detach().clone())
+        return {"x": 0.9, "y": 0.5}[task] if len(seen) <= 2 else {"x": 0.8, "y": 0.7}[task], "exact_match"
+
+    monkeypatch.setattr(search, "score_task", fake_score)
+    config = {
+        "merge_method": "weight_search",
+        "base_model": base,
+        "models": [a, b],
+        "parameters": {"task": ["x", "y"], "weights": [1.0, 0.5]},
+    }
+    out = merge(config, tmp_path / "searched", progress=False)
+    record = json.loads((out / "run.json").read_text())
+    assert [r["weights"] for r in record["search"]] == [[1.0, 1.0], [1.0, 0.5], [0.5, 1.0], [0.5, 0.5]]
+    assert [r["value"] for r in record["search"]] == [0.5, 0.7, 0.7, 0.7]  # min over tasks; the tie goes first
+    assert [r["chosen"] for r in record["search"]] == [False, True, False, False]
+    executed = yaml.safe_load((out / "lmforge.yaml").read_text())
+    assert executed["merge_method"] == "task_arithmetic"
+    assert [m["parameters"]["weight"] for m in executed["models"]] == [1.0, 0.5]
+    name = "model.norm.weight"
+    w0, wa, wb = (weights(m)[name] for m in models)
+    torch.testing.assert_close(weights(out)[name], w0 + (wa - w0) + 0.5 * (wb - w0))
+    # each combination was loaded before it was scored: the second trial saw base + a + 0.5 b
+    torch.testing.assert_close(seen[2], w0 + (wa - w0) + 0.5 * (wb - w0))
+    assert "Weight search" in (out / "README.md").read_text()
+
+
+def test_weight_search_refuses_a_grid_too_large_to_score(models, tmp_path):
+    base, *others = (str(m) for m in models)
+    config = {
+        "merge_method": "weight_search",
+        "base_model": base,
+        "models": others,
+        "parameters": {"task": "dates", "weights": [round(0.1 * i, 1) for i in range(1, 10)]},
+    }
+    with pytest.raises(lmforge.UserError, match="81 combinations"):
+        merge(config, tmp_path / "too_many", progress=False)
+    assert not (tmp_path / "too_many").exists()
 
 
 def test_eval_scores_inputs_and_output(models, tmp_path):

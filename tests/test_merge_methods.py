@@ -204,6 +204,28 @@ def test_rank_mask_is_exact_with_ties():
     assert sparsify.kth_smallest(values, 350_001) == torch.kthvalue(values, 350_001).values
 
 
+def test_rank_cut_on_row_chunks_equals_the_whole_mask():
+    # ties at both cut-offs, in several chunks, so the index intervals of the kept ties cross chunk borders
+    values = torch.tensor([3.0, -1.0, 3.0, 2.0, -3.0, 0.0, 1.0] * 60_000)
+    n = values.numel()
+    for start, stop in ((0, n // 3), (n // 5, n - n // 7), (n - 1, n), (n // 2, n // 2 + 1), (1_000, 1_002)):
+        whole = sparsify.rank_mask(values, start, stop, torch.abs)
+        cut = sparsify.rank_cut(values, start, stop, torch.abs)
+        chunks = [sparsify.apply(cut, values[a : a + 50_001], a) for a in range(0, n, 50_001)]
+        assert torch.equal(torch.cat(chunks), whole) and int(whole.sum()) == stop - start
+        kept = values.clone()
+        for a in range(0, n, 50_001):
+            sparsify.keep(kept[a : a + 50_001], cut, a)
+        assert torch.equal(kept, values * whole)
+
+
+def test_dare_mask_drawn_piece_by_piece_is_one_whole_draw():
+    delta = torch.randn(sparsify.CHUNK * 2 + 17)
+    want = delta * (torch.rand(delta.numel(), generator=generator_for(0, "t", 1)) < 0.3)
+    got = sparsify.bernoulli(delta.clone(), 0.3, False, generator_for(0, "t", 1), "l1")
+    assert torch.equal(got, want)
+
+
 def test_every_method_has_a_test_here():
     tested = {name.split("test_")[1].split("_")[0] for name in globals() if name.startswith("test_")}
     families = {name.split("_")[0] for name in METHODS}

@@ -206,6 +206,10 @@ def test_a_step_runs_in_a_child_process_and_its_log_is_kept(tmp_path):
     assert len(lines) == 6 and set(lines[0]) == {"prompt", "completion"}
     assert "Rewrite the date" in lines[0]["prompt"] and "Rewrite the date" not in lines[1]["prompt"]  # interleaved
     assert (root / "steps" / "mix.log").is_file() and (root / "steps" / "mix.yaml").is_file()
+    per_task = [(root / "mix" / f"task_{t}.jsonl").read_text().splitlines() for t in ("dates", "extraction")]
+    assert [len(lines) for lines in per_task] == [3, 3]
+    assert all("Rewrite the date" in json.loads(line)["prompt"] for line in per_task[0])
+    assert not any("Rewrite the date" in json.loads(line)["prompt"] for line in per_task[1])
 
 
 def test_a_user_error_in_a_child_step_names_the_step(tmp_path):

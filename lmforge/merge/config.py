@@ -24,10 +24,17 @@ from lmforge.merge.methods import ALL_PARAMETER_NAMES, METHODS, NOT_IMPLEMENTED,
 
 log = logging.getLogger("lmforge.merge")
 
-# lmforge methods that are not tensor functions: they rewrite into one (expand.py, soup.py).
+# lmforge methods that are not tensor functions: they rewrite into one (expand.py, soup.py, search.py).
 EXTRA_METHODS: dict[str, tuple[Param, ...]] = {
     "greedy_soup": (Param("task", str), Param("limit", int, default=50), Param("metric", str, default="")),
     "block_expansion": (Param("num_new", int, default=1),),
+    "weight_search": (
+        Param("task", str),
+        Param("weights", float, default=None),
+        Param("limit", int, default=50),
+        Param("metric", str, default=""),
+        Param("rule", str, default="min"),
+    ),
 }
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 _TOP_KEYS = (

@@ -43,6 +43,10 @@ class Inputs:
     per_input: list[dict]
     generator: Callable[[int], torch.Generator] = field(default=lambda i: torch.Generator())
     """A seeded generator for input i, keyed by (seed, tensor name, model), for random methods."""
+    cuts: list[sparsify.Cut | None] | None = None
+    """Per input, its whole-tensor cut (see `Method.cut`), when the tensors are a row chunk of a larger one."""
+    offset: int = 0
+    """Flat index of the chunk's first element in the whole tensor (with `cuts`)."""
 
     @property
     def others(self) -> list[int]:
@@ -62,6 +66,10 @@ class Method:
     min_non_base: int = 0
     max_non_base: int | None = None
     elementwise: bool = False
+    cut: Callable[[torch.Tensor, dict], sparsify.Cut | None] | None = None
+    """(task vector, input parameters) -> the input's sparsification cut, for methods whose only whole-tensor
+    step is a per-input rank cut (TIES, breadcrumbs without rescale): cuts come first, one input at a time,
+    then row chunks with `Inputs.cuts`, so a huge tensor is never held whole for every input at once."""
     reference: str = ""
 
 
@@ -85,7 +93,9 @@ def task_arithmetic_family(x: Inputs, sparsification: str | None, consensus: boo
         p = x.per_input[i]
         delta = x.tensors[i].sub_(base)
         rescale, mode = x.shared["rescale"], x.shared.get("rescale_mode", "l1")
-        if sparsification == "magnitude":
+        if x.cuts is not None:  # a row chunk: the cuts were taken on the whole task vector
+            delta = sparsify.keep(delta, x.cuts[i], x.offset)
+        elif sparsification == "magnitude":
             delta = sparsify.magnitude(delta, p["density"], rescale)
         elif sparsification == "magnitude_outliers":
             delta = sparsify.magnitude_outliers(delta, p["density"], p["gamma"], rescale)
@@ -158,14 +168,20 @@ def slerp_vectors(t: float, a: torch.Tensor, b: torch.Tensor, threshold: float =
         torch.stack([torch.linalg.vector_norm(b[:, c], dim=1, keepdim=True) for c in chunks]), dim=0
     )
     norm_a, norm_b = torch.where(norm_a > 1e-8, norm_a, 1), torch.where(norm_b > 1e-8, norm_b, 1)
-    dot = torch.stack([(a[:, c] / norm_a * (b[:, c] / norm_b)).sum(dim=1, keepdim=True) for c in chunks]).sum(dim=0)
+    buffer_a, buffer_b = (torch.empty(1, min(SLERP_CHUNK, a.shape[1]), dtype=a.dtype) for _ in range(2))
+    dots = []
+    for c in chunks:  # a / |a| * (b / |b|) in two reused buffers: the same roundings, no fresh temporaries
+        width = a[:, c].shape[1]
+        unit_a = torch.div(a[:, c], norm_a, out=buffer_a[:, :width])
+        dots.append(unit_a.mul_(torch.div(b[:, c], norm_b, out=buffer_b[:, :width])).sum(dim=1, keepdim=True))
+    dot = torch.stack(dots).sum(dim=0)
     dot = dot.clamp(-1, 1)
     linear = dot.abs() > threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta))
     coef_b = torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta))
-    for c in chunks:  # in place, chunk by chunk: no full-size temporaries
-        a[:, c] = coef_a * a[:, c] + coef_b * b[:, c]
+    for c in chunks:  # in place, chunk by chunk: coef_a * a + coef_b * b, rounded as written, one temporary
+        a[:, c].mul_(coef_a).add_(torch.mul(b[:, c], coef_b, out=buffer_b[:, : a[:, c].shape[1]]))
     return a.reshape(shape)
 
 
@@ -337,8 +353,17 @@ def _task_arithmetic_row(sparsification, consensus, normalize, rescale, referenc
         params + _TA_PARAMS + extra,
         base="required",
         elementwise=sparsification is None and not consensus,
+        cut=_CUTS.get(sparsification),
         reference=reference,
     )
+
+
+# Rank cuts by sparsification; the engine uses them only where `rescale` is off (the L1 rescale sums the
+# whole tensor in one reduction, to match mergekit's bits).
+_CUTS = {
+    "magnitude": lambda delta, p: sparsify.magnitude_cut(delta, p["density"]),
+    "magnitude_outliers": lambda delta, p: sparsify.outliers_cut(delta, p["density"], p["gamma"]),
+}
 
 
 _GAMMA = (Param("gamma", float, "non_base", 0.01),)

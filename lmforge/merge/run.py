@@ -1,11 +1,12 @@
 """`lmforge merge`: a mergekit config in, a complete model folder out.
 
 Reads top to bottom: parse and check the config, rewrite lmforge's own methods into mergekit ones
-(block_expansion -> passthrough slices, greedy_soup -> linear over the kept models), resolve every model
-reference (`MODEL+ADAPTER` and bare PEFT adapter folders are merged into their base once and cached), plan
-every output tensor, build the output tokenizer when `tokenizer_source` asks for one, then stream the
-merge into a staging folder with config.json, tokenizer, generation config, lmforge.yaml (the config that
-was executed: mergekit can run it too), run.json and a model card; optionally score inputs and output.
+(block_expansion -> passthrough slices, greedy_soup -> linear over the kept models, weight_search ->
+task_arithmetic with the best weights), resolve every model reference (`MODEL+ADAPTER` and bare PEFT
+adapter folders are merged into their base once and cached), plan every output tensor, build the output
+tokenizer when `tokenizer_source` asks for one, then stream the merge into a staging folder with
+config.json, tokenizer, generation config, lmforge.yaml (the config that was executed: mergekit can run it
+too), run.json and a model card; optionally score inputs and output.
 The folder appears whole or not at all.
 """
 
@@ -140,7 +141,7 @@ def merge(
             record["input_metrics"] = input_scores
             record["merge_stats"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(stats).items()}
             if soup_log is not None:
-                record["soup"] = soup_log
+                record["search" if cfg.merge_method == "weight_search" else "soup"] = soup_log
             write_json(staging / "run.json", record)
             card = _model_card(out, cfg, executed.raw, models, scores, input_scores, soup_log)
             (staging / "README.md").write_text(card, encoding="utf-8")
@@ -153,10 +154,18 @@ def _executed(cfg: merge_config.MergeConfig, models: list[plan.InputModel], expl
     """The mergekit config that runs: lmforge's own methods rewritten into mergekit ones (and the soup's log)."""
     if cfg.merge_method == "block_expansion":
         return merge_config.read(expand.to_passthrough(cfg, models[0].layers)), None
-    if cfg.merge_method != "greedy_soup":
+    if cfg.merge_method not in ("greedy_soup", "weight_search"):
         return cfg, None
-    from lmforge.merge import soup  # imports the evaluation harness (transformers): only when needed
+    from lmforge.merge import search, soup  # import the evaluation harness (transformers): only when needed
 
+    if cfg.merge_method == "weight_search":
+        refs = [s.model for s in cfg.models or ()]
+        everyone = merge_config.read(search.task_arithmetic(cfg, refs, [1.0] * len(refs)))
+        plan.build(everyone, models)  # incompatible models fail here, before any evaluation
+        if explain:
+            return everyone, None
+        chosen, rows = search.choose(cfg, models, limit)
+        return merge_config.read(chosen), rows
     everyone = merge_config.read(soup.uniform(cfg, [s.model for s in cfg.models or ()]))
     plan.build(everyone, models)  # incompatible candidates fail here, before any evaluation
     if explain:
@@ -328,7 +337,11 @@ def _model_card(out: Path, cfg, resolved: dict, models, scores: dict, input_scor
         "",
     ]
     lines += [f"- `{m.ref}`" for m in models]
-    if soup_log:
+    if soup_log and method == "weight_search":
+        from lmforge.merge import search
+
+        lines += search.card_lines(soup_log)
+    elif soup_log:
         lines += ["", "Greedy soup (candidates best first; kept only when the soup improved):", ""]
         lines += ["| model | alone | soup with it | kept |", "|---|---|---|---|"]
         lines += [

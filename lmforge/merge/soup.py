@@ -22,10 +22,11 @@ from lmforge.models.load import load_model
 
 log = logging.getLogger("lmforge.merge")
 LOWER_IS_BETTER = ("perplexity", "byte_perplexity", "bits_per_byte")
-_CARRIED = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
+CARRIED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
 
 
-def _score(loaded, task: str, limit: int, metric: str) -> tuple[float, str]:
+def score_task(loaded, task: str, limit: int, metric: str) -> tuple[float, str]:
+    """(value, metric name) of a loaded model on one task; the task's first metric when `metric` is empty."""
     results = metrics_of(evaluate(loaded, [task], limit=limit, footprint=False))[task]
     name = metric or next(iter(results))
     if name not in results:
@@ -33,7 +34,8 @@ def _score(loaded, task: str, limit: int, metric: str) -> tuple[float, str]:
     return results[name]["value"], name
 
 
-def _weights(model: InputModel) -> dict[str, torch.Tensor]:
+def float_weights(model: InputModel) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of an input model, in float32 (what a trial merge adds up)."""
     return {name: read_rows(info).float() for name, info in model.index.items() if info.dtype.is_floating_point}
 
 
@@ -50,7 +52,7 @@ def choose(cfg: MergeConfig, models: list[InputModel], limit_default: int = 50) 
     candidates = [by_ref[s.model] for s in cfg.models]
     scores = []
     for model in candidates:
-        value, metric = _score(load_model(model.folder), task, limit, metric)
+        value, metric = score_task(load_model(model.folder), task, limit, metric)
         log.info("greedy soup: %s scores %s %.4f", model.ref, metric, value)
         scores.append(value)
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
@@ -58,12 +60,12 @@ def choose(cfg: MergeConfig, models: list[InputModel], limit_default: int = 50) 
     best = order[0]
     rows = [{"model": candidates[best].ref, "score": scores[best], "soup_score": scores[best], "kept": True}]
     loaded = load_model(candidates[best].folder)
-    total, kept, best_score = _weights(candidates[best]), [best], scores[best]
+    total, kept, best_score = float_weights(candidates[best]), [best], scores[best]
     for i in order[1:]:
-        weights = _weights(candidates[i])
+        weights = float_weights(candidates[i])
         trial = {name: (total[name] + weights[name]) / (len(kept) + 1) for name in total}
         loaded.model.load_state_dict(trial, strict=False)
-        value, _ = _score(loaded, task, limit, metric)
+        value, _ = score_task(loaded, task, limit, metric)
         better = sign * value > sign * best_score
         log.info("greedy soup: + %s -> %s %.4f (%s)", candidates[i].ref, metric, value, "kept" if better else "dropped")
         rows.append({"model": candidates[i].ref, "score": scores[i], "soup_score": value, "kept": better})
@@ -81,4 +83,4 @@ def uniform(cfg: MergeConfig, refs: list[str]) -> dict:
     if not cfg.models or cfg.base_model:
         raise UserError(f"{cfg.where}: greedy_soup takes its candidates under 'models' and no base_model")
     linear = {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}} for ref in refs]}
-    return linear | {k: cfg.raw[k] for k in _CARRIED if cfg.raw.get(k) is not None}
+    return linear | {k: cfg.raw[k] for k in CARRIED_KEYS if cfg.raw.get(k) is not None}

@@ -105,7 +105,8 @@ class DataStep:
     """A `data` step: built-in task records written as files later steps read.
 
     Writes OUTPUT/train.jsonl ({prompt, completion}: data.path of finetune or distill) and OUTPUT/task.jsonl
-    ({prompt, answer}: a user task for eval or a greedy soup), the tasks interleaved so any prefix is mixed.
+    ({prompt, answer}: a user task for eval or a greedy soup), the tasks interleaved so any prefix is mixed,
+    and OUTPUT/task_NAME.jsonl per task (a weight search scores each task apart).
     """
 
     tasks: list[str]
@@ -182,6 +183,9 @@ def _run_data(config_file: Path, output: Path, overwrite: bool) -> Path:
         train = [json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n" for r in mixed]
         (staging / "train.jsonl").write_text("".join(train), encoding="utf-8")
         (staging / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed), encoding="utf-8")
+        for task, records in zip(step.tasks, drawn, strict=True):  # one task per file: scored one by one
+            lines = "".join(json.dumps(r) + "\n" for r in records)
+            (staging / f"task_{task}.jsonl").write_text(lines, encoding="utf-8")
     return output
 
 

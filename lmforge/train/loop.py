@@ -28,6 +28,8 @@ from lmforge.train.allocator import return_freed_memory_to_os
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 Collate = Callable[[list[dict]], dict]
+# Padded tokens per forward pass on CPU (TrainConfig.micro_batch_tokens); docs/benchmarks.md has the measurement.
+CPU_MICRO_BATCH_TOKENS = 512
 EvalFn = Callable[[torch.nn.Module], dict]
 
 
@@ -43,6 +45,10 @@ class TrainConfig:
     """Rows per micro-batch (per process)."""
     grad_accum: int = 1
     """Micro-batches per optimiser step."""
+    micro_batch_tokens: int | None = None
+    """Split a micro-batch whose padded tokens exceed this into equal parts run one after another: the same
+    update (the loss is divided by the step's tokens), less activation memory. None: 512 on CPU, where
+    throughput is flat above a few hundred tokens per forward, and no split on GPU; 0: never split."""
     warmup_steps: int = 0
     """Linear warmup from 0 to `lr` over this many steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -94,7 +100,9 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def _next_micro_batches(rows: Sequence[dict], cfg: TrainConfig, state: TrainState, rank: int, world: int):
+def _next_micro_batches(
+    rows: Sequence[dict], cfg: TrainConfig, state: TrainState, rank: int, world: int, token_budget: int = 0
+):
     """The rows of one optimiser step for this process, advancing the epoch/position cursor."""
     per_step = cfg.batch_size * cfg.grad_accum * world
     taken: list[dict] = []
@@ -107,7 +115,24 @@ def _next_micro_batches(rows: Sequence[dict], cfg: TrainConfig, state: TrainStat
         if state.position >= len(rows):
             state.epoch, state.position = state.epoch + 1, 0
     mine = taken[rank::world]  # every process sees a disjoint slice of the same global step
-    return [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    return [part for batch in batches for part in split_by_tokens(batch, token_budget)]
+
+
+def row_tokens(row: dict) -> int:
+    """Tokens a row puts in a batch: its input ids (a preference pair's two sides together)."""
+    return sum(len(v) for k, v in row.items() if k.endswith("input_ids") and isinstance(v, list))
+
+
+def split_by_tokens(batch: list[dict], budget: int) -> list[list[dict]]:
+    """`batch` in the fewest equal-sized parts whose padded size (rows x longest row) fits `budget` tokens;
+    one row per part at least. A budget of 0 keeps the batch whole."""
+    longest = max((row_tokens(r) for r in batch), default=0)
+    if budget <= 0 or longest * len(batch) <= budget:
+        return [batch]
+    parts = math.ceil(len(batch) / max(1, budget // longest))
+    size = math.ceil(len(batch) / parts)
+    return [batch[i : i + size] for i in range(0, len(batch), size)]
 
 
 def loss_units(batch: dict) -> int:
@@ -204,6 +229,9 @@ def train(
     # (chunked losses), which DDP's wrapper would neither expose nor see. Gradients are summed across
     # processes by hand after each step instead (_sum_gradients); for LoRA that is a few MB.
     model = model.to(accelerator.device)
+    token_budget = cfg.micro_batch_tokens
+    if token_budget is None:
+        token_budget = CPU_MICRO_BATCH_TOKENS if accelerator.device.type == "cpu" else 0
     state = TrainState()
     checkpoint = work_dir / "checkpoint"
     if resume and (checkpoint / "state.json").is_file():
@@ -234,7 +262,9 @@ def train(
                 group["lr"] = cfg.lr * learning_rate_factor(state.step, cfg)
             micro = [
                 collate(b)
-                for b in _next_micro_batches(rows, cfg, state, accelerator.process_index, accelerator.num_processes)
+                for b in _next_micro_batches(
+                    rows, cfg, state, accelerator.process_index, accelerator.num_processes, token_budget
+                )
             ]
             local_tokens = sum(loss_units(b) for b in micro)
             local_inputs = sum(
@@ -283,6 +313,9 @@ def train(
         if accelerator.is_main_process:
             save_checkpoint(checkpoint, model, optimizer, state)
         raise
+    finally:
+        if board is not None:
+            board.close()  # flushes: the writer's background thread may still hold the last scalars
     if accelerator.is_main_process:
         save_checkpoint(checkpoint, model, optimizer, state)
     model.eval()
