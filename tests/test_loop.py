@@ -112,6 +112,17 @@ def test_token_budget_split_gives_the_same_update(tiny_llama, rows, tmp_path):
         torch.testing.assert_close(w_a[name], w_b[name], atol=1e-5, rtol=1e-4)
 
 
+def test_release_memory_is_opt_in(tiny_llama, rows, tmp_path, monkeypatch):
+    from lmforge.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "return_freed_memory_to_os", lambda: calls.append(1) or True)
+    for flag in (False, True):
+        cfg = TrainConfig(max_steps=1, batch_size=4, save_every=100, release_memory=flag)
+        train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path / str(flag))
+    assert calls == [1]  # only the run that asked for it
+
+
 def test_resume_after_kill_gives_the_same_losses(tiny_llama, rows, tmp_path):
     cfg = TrainConfig(lr=5e-3, max_steps=6, batch_size=4, warmup_steps=2, save_every=100)
     straight = train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path / "straight")

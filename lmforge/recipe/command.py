@@ -33,7 +33,7 @@ def demo_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan with time and memory estimates")] = False,
     overwrite: Annotated[bool, typer.Option(help="rerun every step")] = False,
 ) -> None:
-    """Fine-tune two experts, merge them six ways, distill the best merge, and compare everything."""
+    """Fine-tune two experts, merge them seven ways, distill the best merge, and compare everything."""
     from lmforge.recipe.demo import demo
 
     demo(out=out, quick=quick, dry_run=dry_run, overwrite=overwrite, console=console)

@@ -227,6 +227,10 @@ def merge(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
         tasks_limit = _soup_scoring(config, out)
         seconds += tasks_limit
         basis += f"; each of {len(inputs)} candidate soups scored"
+    elif method == "weight_search":
+        trials, seconds_each = _search_scoring(config, out)
+        seconds += trials * seconds_each
+        basis += f"; {trials} weight combinations scored"
     largest = (out.vocab * out.hidden * 4) if out else 0.11e9
     return Estimate(seconds, RUNTIME_BYTES + (len(inputs) + 2) * largest, basis, out)
 
@@ -236,6 +240,16 @@ def _soup_scoring(config: Mapping[str, Any], facts: ModelFacts | None) -> float:
     params = config.get("parameters") or {}
     limit = int(params.get("limit", 50)) if isinstance(params, Mapping) else 50
     return len(config.get("models") or []) * (START_S + _scoring_seconds(facts, limit, False, None))
+
+
+def _search_scoring(config: Mapping[str, Any], facts: ModelFacts | None) -> tuple[int, float]:
+    """A weight search scores every combination of its weights (one per model) on each held-out task."""
+    params = config.get("parameters") or {}
+    params = params if isinstance(params, Mapping) else {}
+    weights, tasks = params.get("weights", [0.5, 1.0]), params.get("task") or []
+    trials = len(weights if isinstance(weights, list) else [weights]) ** len(config.get("models") or [])
+    records = int(params.get("limit", 50)) * len(tasks if isinstance(tasks, list) else [tasks])
+    return trials, _scoring_seconds(facts, records, False, None)
 
 
 def evaluation(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:

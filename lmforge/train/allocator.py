@@ -1,4 +1,4 @@
-"""Give freed activation memory back to the OS during CPU training (glibc only).
+"""Give freed activation memory back to the OS during CPU training (glibc only; `train.release_memory`).
 
 glibc's malloc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB on 64-bit),
 so after the first backward pass the multi-MB activation buffers of every step come from the heap, and a
@@ -15,7 +15,9 @@ On the finetune benchmark's workload (SmolLM2-135M LoRA, batch 8 x ~74 tokens, 6
 | 4 MiB fixed | 2.60 GB | 2.0 |
 
 1 MiB sends activation-sized buffers (a batch's hidden states and up) to mmap and keeps small tensors on the
-heap: most of the memory saving for a fraction of the fault cost.
+heap: most of the memory saving for a fraction of the fault cost. On a quiet machine the faults still cost ~30%
+of training speed, so the loop only does this when asked; splitting batches by tokens (loop.py) saves about as
+much memory at full speed.
 """
 
 from __future__ import annotations
