@@ -58,10 +58,10 @@ def choose(cfg: MergeConfig, models: list[InputModel], limit_default: int = 50) 
         rows.append({"weights": list(combination), "scores": scores, "value": value})
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
         if best_value is None or sign * value > sign * best_value:
-            best, best_value = combination, value
-    for row in rows:
-        row["chosen"] = tuple(row["weights"]) == best
-    return task_arithmetic(cfg, [s.model for s in cfg.models], list(best)), rows
+            best, best_value = len(rows) - 1, value
+    for number, row in enumerate(rows):
+        row["chosen"] = number == best
+    return task_arithmetic(cfg, [s.model for s in cfg.models], rows[best]["weights"]), rows
 
 
 def _settings(cfg: MergeConfig, limit_default: int) -> tuple[list[str], list[float], int, str, str]:
