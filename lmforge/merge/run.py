@@ -151,27 +151,25 @@ def merge(
 
 
 def _executed(cfg: merge_config.MergeConfig, models: list[plan.InputModel], explain: bool, limit: int):
-    """The mergekit config that runs: lmforge's own methods rewritten into mergekit ones (and the soup's log)."""
+    """The mergekit config that runs: lmforge's own methods rewritten into mergekit ones (and the soup's or the
+    search's log)."""
     if cfg.merge_method == "block_expansion":
         return merge_config.read(expand.to_passthrough(cfg, models[0].layers)), None
     if cfg.merge_method not in ("greedy_soup", "weight_search"):
         return cfg, None
     from lmforge.merge import search, soup  # import the evaluation harness (transformers): only when needed
 
+    refs = [s.model for s in cfg.models or ()]
     if cfg.merge_method == "weight_search":
-        refs = [s.model for s in cfg.models or ()]
-        everyone = merge_config.read(search.task_arithmetic(cfg, refs, [1.0] * len(refs)))
-        plan.build(everyone, models)  # incompatible models fail here, before any evaluation
-        if explain:
-            return everyone, None
-        chosen, rows = search.choose(cfg, models, limit)
-        return merge_config.read(chosen), rows
-    everyone = merge_config.read(soup.uniform(cfg, [s.model for s in cfg.models or ()]))
+        everyone, choose = search.task_arithmetic(cfg, refs, [1.0] * len(refs)), search.choose
+    else:
+        everyone, choose = soup.uniform(cfg, refs), soup.choose
+    everyone = merge_config.read(everyone)
     plan.build(everyone, models)  # incompatible candidates fail here, before any evaluation
     if explain:
         return everyone, None
-    linear, soup_log = soup.choose(cfg, models, limit)
-    return merge_config.read(linear), soup_log
+    chosen, log_rows = choose(cfg, models, limit)
+    return merge_config.read(chosen), log_rows
 
 
 def parse_size(value: str | int) -> int:

@@ -42,7 +42,7 @@ class TrainConfig:
     max_steps: int = 100
     """Optimiser steps to run."""
     batch_size: int = 8
-    """Rows per micro-batch (per process)."""
+    """Rows per micro-batch (per process); on CPU a micro-batch is split further by micro_batch_tokens."""
     grad_accum: int = 1
     """Micro-batches per optimiser step."""
     micro_batch_tokens: int | None = None
