@@ -300,6 +300,22 @@ def test_weight_search_refuses_a_grid_too_large_to_score(models, tmp_path):
     assert not (tmp_path / "too_many").exists()
 
 
+@pytest.mark.parametrize(
+    ("parameters", "fragment"),
+    [
+        ({"weights": [0.5, 1.0]}, "needs parameters.task"),
+        ({"task": "dates", "rule": "max"}, "parameters.rule must be min"),
+    ],
+)
+def test_weight_search_bad_parameters_are_one_line_errors(models, tmp_path, parameters, fragment):
+    base, *others = (str(m) for m in models)
+    config = {"merge_method": "weight_search", "base_model": base, "models": others, "parameters": parameters}
+    with pytest.raises(lmforge.UserError, match=fragment) as caught:
+        merge(config, tmp_path / "bad", progress=False)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_eval_scores_inputs_and_output(models, tmp_path):
     task = tmp_path / "texts.jsonl"
     task.write_text("\n".join(json.dumps({"text": f"the cat sat on the mat {i}"}) for i in range(3)))
