@@ -13,9 +13,11 @@ Cases (the same YAML file goes to both tools):
   inputs and writing the output costs on this machine, with no arithmetic.
 
 Each tool runs in a process of its own (peers.measure: wall time, peak RSS of the process tree); the order of
-the two tools alternates between repeats; medians over `--repeats`. The page cache cannot be dropped without
-root, so every input file is read once (`cat > /dev/null`) before each timed run: both tools, and the floor,
-read their inputs from the page cache. Outputs go to page cache too (no tool calls fsync). After the last
+the two tools alternates between repeats; medians over `--repeats`. `--page-cache cold` (default): before each
+timed run the inputs' pages are evicted (sync, then posix_fadvise DONTNEED on every input file, which needs no
+root), so both tools and the floor read their inputs from disk, as a user merging downloaded models does.
+`--page-cache warm`: every input is read once (`cat > /dev/null`) before each timed run, so all three read
+from memory and the floor is a memory copy. Outputs go to page cache either way (no tool calls fsync). After the last
 repeat, the two outputs are compared tensor by tensor (max |lmforge - mergekit| / max |mergekit|; for
 dare_ties the masks are random, so only the tensor names and shapes can agree).
 
@@ -227,8 +229,19 @@ def input_files(folders: list[Path]) -> list[Path]:
 
 
 def warm(files: list[Path]) -> None:
-    """Read every input once, so the timed run finds them in the page cache (no root: cannot drop it)."""
+    """Read every input once, so the timed run finds them in the page cache."""
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the inputs from the page cache, so the timed run reads them from disk (DONTNEED drops clean pages)."""
+    os.sync()
+    for file in files:
+        handle = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(handle)
 
 
 def timed(case: str, tool: str, repeat: int, args, config: Path, files: list[Path], out: Path, out_bytes: int) -> Run:
@@ -245,7 +258,7 @@ def timed(case: str, tool: str, repeat: int, args, config: Path, files: list[Pat
         command = ["sh", "-c", script, "floor", *map(str, files)]
         env |= {"OUT": str(out), "SIZE": str(size_mb)}
     shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-    warm(files)
+    warm(files) if args.page_cache == "warm" else evict(files)
     load = os.getloadavg()[0]
     print(f"  [{repeat + 1}/{args.repeats}] {case:<10} {tool:<9} ...", end=" ", flush=True)
     logs = out.parent / "logs"
@@ -362,6 +375,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per tool and case (default 1)")
     parser.add_argument("--threads", type=int, help="OMP/MKL threads for both tools (default: their own choice)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lmforge" / "bench")
+    parser.add_argument(
+        "--page-cache", choices=("cold", "warm"), default="cold", help="inputs read from disk (default) or memory"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed")
     parser.add_argument("--lmforge-python", type=Path, default=peers.main_python())
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "merge_vs_mergekit.json")
@@ -425,9 +441,9 @@ def write_report(args: argparse.Namespace, summary: dict, runs: list[Run], skipp
             "cases": args.cases,
             "repeats": args.repeats,
             "threads": args.threads,
+            "page_cache": args.page_cache,
             "noise": NOISE,
             "big_model": BIG,
-            "page_cache": "inputs read once before every timed run (warm)",
         },  # fmt: skip
         "machine": peers.machine(),
         "versions": {

@@ -195,3 +195,19 @@ def test_cli_bad_input_is_one_line(teacher, tmp_path, monkeypatch, capsys):
 def test_example_configs_load(path):
     cfg = config_io.load(path, DistillConfig)
     assert cfg.output and cfg.train.lr > 0 and cfg.objectives
+
+
+def test_teacher_signal_precision_is_chosen_and_recorded(straight, teacher, tmp_path, monkeypatch):
+    import torch
+
+    assert distill_run._signal_dtype("float32", "cuda") == torch.float32
+    assert distill_run._signal_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert distill_run._signal_dtype("auto", "cuda") == torch.bfloat16
+    native = distill_run.native_bf16_cpu()
+    straight_record = json.loads((straight / "run.json").read_text())
+    assert straight_record["teacher_signal_dtype"] == ("bfloat16" if native else "float32")
+    for has_bf16, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(distill_run, "native_bf16_cpu", lambda has_bf16=has_bf16: has_bf16)
+        assert distill_run._signal_dtype("auto", "cpu") == want
+    out = run_distill(make_cfg(teacher, tmp_path / "fp32", "teacher_dtype=float32", "train.max_steps=2"))
+    assert json.loads((out / "run.json").read_text())["teacher_signal_dtype"] == "float32"

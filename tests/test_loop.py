@@ -189,3 +189,36 @@ def test_tensorboard_scalars_are_written(tiny_llama, rows, tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     assert events.Scalars("eval/val_loss")[0].value == 1.0
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_llama, rows, tmp_path):
+    """Recomputing activations in backward changes memory, not the update; the model is left as it was."""
+    results = []
+    for flag in (False, True):
+        model, seen = fresh(tiny_llama), set()
+
+        def loss_fn(model, batch, seen=seen):
+            seen.add(model.is_gradient_checkpointing)
+            return plain_loss(model, batch)
+
+        cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=8, save_every=100, gradient_checkpointing=flag)
+        history = train(model, rows, loss_fn, collate, cfg, tmp_path / str(flag))
+        assert seen == {flag} and not model.is_gradient_checkpointing
+        results.append((weights(model), [h["loss"] for h in history]))
+    (w_a, loss_a), (w_b, loss_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in w_a:
+        torch.testing.assert_close(w_a[name], w_b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_with_other_trained_parameters_is_a_clear_error(tiny_llama, rows, tmp_path):
+    from lmforge.errors import UserError
+
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=8, save_every=1)
+    train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path)
+    model = fresh(tiny_llama)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("layers.0." in name)  # fewer trained tensors than the checkpoint holds
+    longer = TrainConfig(lr=1e-2, max_steps=2, batch_size=8, save_every=1)
+    with pytest.raises(UserError, match="does not fit this run's trained parameters"):
+        train(model, rows, plain_loss, collate, longer, tmp_path, resume=True)

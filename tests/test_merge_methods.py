@@ -219,6 +219,14 @@ def test_rank_cut_on_row_chunks_equals_the_whole_mask():
         assert torch.equal(kept, values * whole)
 
 
+def test_rank_cut_finds_ties_by_a_pass_when_too_many_to_gather(monkeypatch):
+    values = torch.tensor([3.0, -1.0, 3.0, 2.0, -3.0, 0.0, 1.0] * 60_000)
+    n = values.numel()
+    gathered = sparsify.rank_cut(values, n // 5, n - n // 7, torch.abs)
+    monkeypatch.setattr(sparsify, "TIE_POSITIONS", 10)
+    assert sparsify.rank_cut(values, n // 5, n - n // 7, torch.abs) == gathered
+
+
 def test_dare_mask_drawn_piece_by_piece_is_one_whole_draw():
     delta = torch.randn(sparsify.CHUNK * 2 + 17)
     want = delta * (torch.rand(delta.numel(), generator=generator_for(0, "t", 1)) < 0.3)

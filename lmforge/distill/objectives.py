@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import UserError
+from lmforge.train.tied import add_into_grad, grad_in_place
 
 
 @dataclass(frozen=True)
@@ -261,20 +262,28 @@ class _ChunkedDistill(torch.autograd.Function):
                 if grad_rows is not None:
                     grad_rows[start:end] = g @ weight
                 if grad_weight is not None:
-                    grad_weight += (g.T @ chunk).float()
+                    if weight.dtype == torch.float32:
+                        grad_weight.addmm_(g.T, chunk)  # in place: no (V, d) temporary per chunk
+                    else:
+                        grad_weight += (g.T @ chunk).float()
             total += chunk_total.detach()
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_rows, grad_weight, grad_bias)))
-        ctx.present = (grad_rows is not None, grad_weight is not None, grad_bias is not None)
-        ctx.dtypes = (rows.dtype, weight.dtype, None if bias is None else bias.dtype)
+        # Held on ctx, not saved for backward: backward scales them in place and hands them over, once.
+        ctx.grads = (grad_rows, grad_weight, grad_bias)
+        ctx.inputs = (rows, weight, bias)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        saved = ctx.saved_tensors
-        out = [
-            (g * grad_total).to(dtype) if present else None
-            for g, present, dtype in zip(saved, ctx.present, ctx.dtypes, strict=True)
-        ]
+        if ctx.grads is None:
+            raise RuntimeError("the chunked distillation loss supports one backward pass (no retain_graph)")
+        out = []
+        for g, given in zip(ctx.grads, ctx.inputs, strict=True):
+            if g is not None:
+                g = g.mul_(grad_total).to(given.dtype)
+                if grad_in_place(given):  # a tied embedding while training: no summed copy (train/tied.py)
+                    g = add_into_grad(given, g)
+            out.append(g)
+        ctx.grads = ctx.inputs = None
         return (*out, None, None, None, None, None, None, None, None)
 
 
@@ -285,7 +294,7 @@ def distill_loss(
     targets: Tensor,
     objectives: Sequence[Objective],
     token_weights: Tensor | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = 64,
     head_bias: Tensor | None = None,
     ce_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict]:

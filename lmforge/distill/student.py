@@ -92,8 +92,10 @@ def completion_rows(model, batch: dict, vocab: int):
     keep = targets != IGNORE_INDEX
     hidden = model.get_decoder()(**_model_inputs(batch)).last_hidden_state[:, :-1][keep]
     head = model.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    return hidden, head.weight[:vocab], None if bias is None else bias[:vocab], targets[keep]
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if len(weight) > vocab:  # a slice only when needed: its backward makes a vocabulary-sized copy
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    return hidden, weight, bias, targets[keep]
 
 
 @torch.no_grad()

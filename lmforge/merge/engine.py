@@ -2,7 +2,8 @@
 
 Work items are output tensors, or row chunks of large tensors for elementwise methods, so peak memory is a
 few tensors (never a shard, never a model). TIES-like methods, whose only whole-tensor step is a per-input
-rank cut, take a huge tensor in two passes: one cut item per input (its task vector alone), then row chunks.
+rank cut, take a huge tensor in two passes: one cut item per input (its task vector alone), then row chunks;
+so do DARE/DELLA, whose draw items stream each task vector (mask and L1 sums) and whose chunks redraw it.
 Each worker reads its item's inputs with positioned reads (which release the GIL, so one worker's I/O
 overlaps another's arithmetic), merges them with torch single-threaded, rounds once to the output dtype
 and writes at an offset fixed before the first tensor was read. A NaN/Inf in an input or in a result
@@ -30,10 +31,11 @@ from lmforge.merge import sparsify
 from lmforge.merge import vocab as vocab_io
 from lmforge.merge.methods import Inputs, Method, ParameterError
 from lmforge.merge.plan import InputModel, TensorPlan
-from lmforge.merge.safetensors_io import OutputTensor, plan_shards, read_rows, write_at
+from lmforge.merge.safetensors_io import OutputTensor, narrow_in_place, plan_shards, read_rows, write_at
 
 CHUNK_BYTES = 16 << 20  # float32 bytes per input per row chunk (under glibc's 32 MB cap: buffers are reused)
 WHOLE_BYTES = 96 << 20  # float32 bytes per input above which a cut method runs in two passes (cuts, then chunks)
+DRAW_BYTES = 1 << 20  # float32 bytes per input per read of a streamed draw (its buffers are reused, not split)
 IN_FLIGHT_BYTES = 256 << 20  # input bytes of the items being merged at once (a larger item runs alone)
 
 
@@ -71,7 +73,9 @@ def work_items(plans: list[TensorPlan], method: Method, vocabulary: vocab_io.Voc
         row_bytes = 4 * _numel(p.shape[1:])
         size = p.shape[0] * row_bytes if p.shape else 0
         chunkable = p.floating and not remapped and size > CHUNK_BYTES
-        two_pass = chunkable and size > WHOLE_BYTES and method.cut is not None and not p.shared.get("rescale")
+        cut = method.cut is not None and not p.shared.get("rescale")
+        drawn = method.draw is not None and len(p.shape) > 1  # DELLA's ranks are per row
+        two_pass = chunkable and size > WHOLE_BYTES and (cut or drawn)
         if two_pass:
             items += [Item(p, None, cut_of=i) for i in range(len(p.inputs)) if i != p.base]
         if chunkable and (method.elementwise or two_pass):
@@ -137,7 +141,7 @@ def run(
         result = _compute(item, tensors, method, seed, vocabulary, item_cuts)
         if result.is_floating_point() and not allow_nonfinite and not finite(result):
             raise UserError(_nonfinite_message(item, models))
-        return _write(places[item.plan.name], item, result.to(item.plan.dtype))
+        return _write(places[item.plan.name], item, narrow_in_place(result, item.plan.dtype))
 
     with (
         _heap_reuse(),
@@ -150,12 +154,12 @@ def run(
         try:
             while running or next_index < len(items):
                 while next_index < len(items) and len(running) < 2 * workers:
-                    size = _item_bytes(items[next_index], models)
+                    size = _item_bytes(items[next_index], models, method)
                     if running and in_flight + size > IN_FLIGHT_BYTES:
                         break
                     item = items[next_index]
                     if item.cut_of is not None:
-                        future = pool.submit(_cut, item, models, method)
+                        future = pool.submit(_cut, item, models, method, seed)
                         cuts.setdefault(item.plan.name, {})[item.cut_of] = future
                     else:
                         future = pool.submit(merge_item, item, cuts.get(item.plan.name))
@@ -185,32 +189,37 @@ def run(
 
 @contextmanager
 def _heap_reuse():
-    """Have glibc keep freed blocks of up to 32 MB in one heap for reuse while merging (Linux only).
+    """Have glibc keep every freed block in one heap for reuse while merging (Linux only).
 
-    By default many freed buffers (and all from worker threads' arenas, trimmed eagerly) went back to the
-    kernel and were faulted in again page by page for the next item: 300k-730k minor faults and ~1 s of
-    system time in a 135M merge. Row chunks are 16 MB, so they are now reused; blocks over 32 MB are still
-    mapped and unmapped (kept in the heap, they fragmented it: measured 50-100 MB more peak RSS), and the
-    workers share one arena, so one's freed memory serves the other. glibc's limits are restored after.
+    By default freed buffers over the mmap threshold (and all of worker threads' arenas, trimmed eagerly)
+    went back to the kernel and were faulted in again page by page for the next item: 2.4M minor faults
+    and ~4 s of system time in a 1B merge, 300k-730k in a 135M one. While merging, no block is mapped, the
+    heap is not trimmed, and the workers share one arena, so one item's freed memory serves the next and
+    one worker's the other. The heap then holds no more than the merge's peak, provided nothing small is
+    allocated and kept between large temporaries (it would split their freed space): loops that keep
+    results preallocate their buffers (`sparsify.draw`, `sparsify._kth`). glibc's limits are restored
+    after but the mmap threshold, which stays at 32 MB (glibc cannot go back to its dynamic threshold).
     """
     libc = None
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # the largest glibc accepts
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # the largest glibc accepts (measured: less peak RSS)
             libc.mallopt(_M_ARENA_MAX, 1)  # set before the worker threads start
             libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+            libc.mallopt(_M_MMAP_MAX, 0)
         except (OSError, AttributeError):  # not glibc (musl): keep its defaults
             libc = None
     try:
         yield
     finally:
         if libc is not None:
+            libc.mallopt(_M_MMAP_MAX, 65536)  # glibc's default
             libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)  # glibc's default, then give the kept memory back
             libc.malloc_trim(0)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters, from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8  # from glibc's malloc.h
 
 
 def finite(tensor: torch.Tensor) -> bool:
@@ -221,7 +230,9 @@ def finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
-def _item_bytes(item: Item, models: list[InputModel]) -> int:
+def _item_bytes(item: Item, models: list[InputModel], method: Method) -> int:
+    if item.cut_of is not None and method.draw is not None:  # streamed: a few rows of the input and the base
+        return 2 * DRAW_BYTES
     if item.cut_of is not None:  # its whole task vector; over the limit, so it runs alone (two at once set the peak)
         return IN_FLIGHT_BYTES + _numel(item.plan.shape) * _compute_dtype(item.plan, models).itemsize
     total = 0
@@ -235,10 +246,9 @@ def _read(item: Item, models: list[InputModel]) -> list[torch.Tensor]:
     """Read an item's inputs and convert them to the compute precision."""
     tensors = []
     for number, name in item.plan.inputs:
-        raw = read_rows(models[number].index[name], item.rows)
-        if item.plan.floating:
-            raw = raw.to(torch.float64 if raw.dtype == torch.float64 else torch.float32)
-        tensors.append(raw)
+        info = models[number].index[name]
+        dtype = (torch.float64 if info.dtype == torch.float64 else torch.float32) if item.plan.floating else None
+        tensors.append(read_rows(info, item.rows, dtype))
     return tensors
 
 
@@ -248,15 +258,28 @@ def _compute_dtype(plan: TensorPlan, models: list[InputModel]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _cut(item: Item, models: list[InputModel], method: Method) -> sparsify.Cut | None:
-    """One input's cut, taken on its whole task vector, which is built row chunk by row chunk: the only
-    tensor of the item held whole, one input at a time (the chunks that follow apply the cut)."""
+def _cut(item: Item, models: list[InputModel], method: Method, seed: int) -> sparsify.Cut | sparsify.Draw | None:
+    """One input's cut or random draw on its whole task vector, built row chunk by row chunk. A draw streams
+    the chunks (its mask and L1 sums are per element); a cut holds the task vector whole, the only tensor
+    of the item held whole, one input at a time (the chunks that follow apply the cut)."""
     plan, dtype = item.plan, _compute_dtype(item.plan, models)
     (base_number, base_name), (number, name) = plan.inputs[plan.base], plan.inputs[item.cut_of]
+    row_numel = _numel(plan.shape[1:])
+    ranges = _row_ranges(plan.shape[0], 4 * row_numel)  # the row chunk items' ranges: a draw's offsets match
+
+    def rows(a: int, b: int, number: int, name: str) -> torch.Tensor:
+        return read_rows(models[number].index[name], (a, b), dtype)
+
+    if method.draw is not None:  # streamed, ~1 MB at a time: (flat offset, task vector rows), in order
+        step = max(1, DRAW_BYTES // (4 * row_numel))
+        reads = [(c, min(c + step, b)) for a, b in ranges for c in range(a, b, step)]  # each chunk starts a read
+        chunks = ((a * row_numel, rows(a, b, number, name).sub_(rows(a, b, base_number, base_name))) for a, b in reads)
+        generator = generator_for(seed, plan.name, number)
+        starts = {a * row_numel for a, _ in ranges}
+        return method.draw(chunks, starts, plan.shape[0], plan.per_input[item.cut_of], plan.shared, generator)
     delta = torch.empty(plan.shape, dtype=dtype)
-    for a, b in _row_ranges(plan.shape[0], 4 * _numel(plan.shape[1:])):
-        base = read_rows(models[base_number].index[base_name], (a, b)).to(dtype)
-        torch.sub(read_rows(models[number].index[name], (a, b)).to(dtype), base, out=delta[a:b])
+    for a, b in ranges:
+        torch.sub(rows(a, b, number, name), rows(a, b, base_number, base_name), out=delta[a:b])
     return method.cut(delta, plan.per_input[item.cut_of])
 
 

@@ -43,8 +43,8 @@ class Inputs:
     per_input: list[dict]
     generator: Callable[[int], torch.Generator] = field(default=lambda i: torch.Generator())
     """A seeded generator for input i, keyed by (seed, tensor name, model), for random methods."""
-    cuts: list[sparsify.Cut | None] | None = None
-    """Per input, its whole-tensor cut (see `Method.cut`), when the tensors are a row chunk of a larger one."""
+    cuts: list[sparsify.Cut | sparsify.Draw | None] | None = None
+    """Per input, its whole-tensor cut or draw (`Method.cut`, `Method.draw`), when the tensors are a row chunk."""
     offset: int = 0
     """Flat index of the chunk's first element in the whole tensor (with `cuts`)."""
 
@@ -70,6 +70,11 @@ class Method:
     """(task vector, input parameters) -> the input's sparsification cut, for methods whose only whole-tensor
     step is a per-input rank cut (TIES, breadcrumbs without rescale): cuts come first, one input at a time,
     then row chunks with `Inputs.cuts`, so a huge tensor is never held whole for every input at once."""
+    draw: Callable[..., sparsify.Draw] | None = None
+    """(a task vector's rows as (flat offset, rows) pieces, the offsets of the row chunks to redraw, its row
+    count, input parameters, shared parameters, generator) -> its random sparsification (`sparsify.draw`),
+    for methods whose whole-tensor steps are a random mask and its L1 rescale (DARE, DELLA): draws come
+    first, streamed, then row chunks redraw the same bits."""
     reference: str = ""
 
 
@@ -84,17 +89,25 @@ def linear(x: Inputs) -> torch.Tensor:
 
 
 def task_arithmetic_family(x: Inputs, sparsification: str | None, consensus: bool) -> torch.Tensor:
-    """base + lambda * combine(w_i * sparsify(x_i - base)); TIES sign election when `consensus`."""
+    """base + lambda * combine(w_i * sparsify(x_i - base)); TIES sign election when `consensus`.
+
+    Sparsifications that need the whole task vector (random draws, the L1 rescale) run first, on each
+    task vector; a rank cut is only taken there, and applied with the rest block by block (`_combine`).
+    """
     base = x.tensors[x.base]
     if not x.others:
         return base
-    deltas, weights = [], []
+    deltas, cuts, weights = [], [], []
+    rescale, mode = x.shared["rescale"], x.shared.get("rescale_mode", "l1")
     for i in x.others:
         p = x.per_input[i]
-        delta = x.tensors[i].sub_(base)
-        rescale, mode = x.shared["rescale"], x.shared.get("rescale_mode", "l1")
-        if x.cuts is not None:  # a row chunk: the cuts were taken on the whole task vector
-            delta = sparsify.keep(delta, x.cuts[i], x.offset)
+        delta, cut = x.tensors[i].sub_(base), None
+        if x.cuts is not None and isinstance(x.cuts[i], sparsify.Draw):  # a row chunk of a random sparsification
+            delta = sparsify.redraw(delta, x.cuts[i], x.offset, sparsification, p, rescale, mode)
+        elif x.cuts is not None:  # a row chunk: the cuts were taken on the whole task vector
+            cut = x.cuts[i]
+        elif sparsification in _CUTS and not rescale:
+            cut = _CUTS[sparsification](delta, p)
         elif sparsification == "magnitude":
             delta = sparsify.magnitude(delta, p["density"], rescale)
         elif sparsification == "magnitude_outliers":
@@ -103,44 +116,68 @@ def task_arithmetic_family(x: Inputs, sparsification: str | None, consensus: boo
             delta = sparsify.bernoulli(delta, p["density"], rescale, x.generator(i), mode)
         elif sparsification == "della_magprune":
             delta = sparsify.della_magprune(delta, p["density"], p["epsilon"], rescale, x.generator(i), mode)
-        deltas.append(delta.mul_(p["weight"]))
+        deltas.append(delta)
+        cuts.append(cut)
         weights.append(p["weight"])
-    rows = max(1, CHUNK_ELEMENTS // max(1, base[0].numel())) if base.dim() > 1 else base.numel()
-    for start in range(0, base.shape[0] if base.dim() else 1, rows):  # elementwise from here: chunk the temporaries
-        part = slice(start, start + rows)
-        _combine(base[part], [d[part] for d in deltas], weights, consensus, x.shared)
+    _combine(base, deltas, cuts, x.offset, weights, consensus, x.shared)
     return deltas[0]
 
 
-CHUNK_ELEMENTS = 1 << 22
+def _combine(base, deltas, cuts, offset: int, weights: list[float], consensus: bool, shared: dict) -> None:
+    """Cut, weight and combine the deltas into deltas[0], in place, one cache-sized block at a time:
+    TIES sign election, normalize, lambda, + base.
 
-
-def _combine(base, deltas: list[torch.Tensor], weights: list[float], consensus: bool, shared: dict) -> None:
-    """Combine weighted deltas into deltas[0] (in place): TIES sign election, normalize, lambda, + base."""
-    if consensus:
-        # the sign of the summed weighted deltas wins; entries of the other sign are dropped
-        majority = deltas[0].clone()
-        for delta in deltas[1:]:
-            majority.add_(delta)
-        majority = majority.ge_(0).mul_(2).sub_(1)  # +1 where the sum is >= 0, else -1
-        mixed = divisor = None
-        for delta, weight in zip(deltas, weights, strict=True):
-            agree = delta.sign() == majority
-            delta.mul_(agree)
-            mixed = delta if mixed is None else mixed.add_(delta)
-            divisor = agree.to(base.dtype).mul_(weight) if divisor is None else divisor.add_(agree, alpha=weight)
-        divisor.masked_fill_(divisor == 0, 1)
-    else:
-        mixed = deltas[0]
-        for delta in deltas[1:]:
-            mixed.add_(delta)
-        total = torch.tensor(weights, dtype=base.dtype).sum()  # summed in the tensors' precision, as mergekit does
-        divisor = total if total.abs() >= 1e-8 else 1.0
-    if shared["normalize"]:
-        mixed.div_(divisor)
-    if shared["lambda"] != 1:
-        mixed.mul_(shared["lambda"])
-    mixed.add_(base)
+    Every step is elementwise, so blocks of `sparsify.BLOCK` elements keep each pass in the cache (a
+    16.7M-element TIES tensor: 2x faster than in 4M-element chunks). Masks are 0/1 floats, as comparisons
+    into float are vectorised and comparisons into bool are not; the arithmetic, and so the bits, are those
+    of bool masks (d * 1.0 and d * 0.0 as d * True and d * False; base + mixed / divisor as addcdiv).
+    """
+    flat_base, flats = base.view(-1), [d.view(-1) for d in deltas]
+    n, dtype = flat_base.numel(), base.dtype
+    mask, total, agree, divisor = (torch.empty(min(sparsify.BLOCK, n), dtype=dtype) for _ in range(4))
+    normalize, scale = shared["normalize"], shared["lambda"]
+    if not consensus:
+        summed = torch.tensor(weights, dtype=dtype).sum()  # summed in the tensors' precision, as mergekit does
+        scalar_divisor = summed if summed.abs() >= 1e-8 else torch.ones((), dtype=dtype)
+    for start in range(0, n, sparsify.BLOCK):
+        parts = [d[start : start + sparsify.BLOCK] for d in flats]
+        size = parts[0].numel()
+        for part, cut, weight in zip(parts, cuts, weights, strict=True):
+            if cut is not None:
+                part.mul_(sparsify.apply(cut, part, offset + start, out=mask[:size]))
+            part.mul_(weight)
+        mixed = parts[0]
+        if consensus:
+            # the sign of the summed weighted deltas wins (+1 where the sum is >= 0); other signs are dropped
+            majority = torch.add(parts[0], parts[1], out=total[:size]) if len(parts) > 1 else total[:size].copy_(mixed)
+            for part in parts[2:]:
+                majority.add_(part)
+            majority = torch.ge(majority, 0, out=majority).mul_(2).sub_(1)
+            weighted = None
+            for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
+                # 1 where the delta has the majority's sign (0 for zeros and NaN, as sign(d) == majority)
+                agreed = torch.gt(torch.mul(part, majority, out=agree[:size]), 0, out=agree[:size])
+                part.mul_(agreed)
+                if i:
+                    mixed.add_(part)
+                if normalize and i == 0:
+                    weighted = torch.mul(agreed, weight, out=divisor[:size])
+                elif normalize:
+                    weighted.add_(agreed, alpha=weight)
+            if normalize:
+                weighted.add_(torch.eq(weighted, 0, out=agree[:size]))  # no input agrees: divide by 1
+        else:
+            for part in parts[1:]:
+                mixed.add_(part)
+            weighted = scalar_divisor
+        if normalize and scale == 1:
+            torch.addcdiv(flat_base[start : start + size], mixed, weighted, out=mixed)  # one rounding each, as below
+            continue
+        if normalize:
+            mixed.div_(weighted)
+        if scale != 1:
+            mixed.mul_(scale)
+        mixed.add_(flat_base[start : start + size])
 
 
 class ParameterError(ValueError):
@@ -354,6 +391,7 @@ def _task_arithmetic_row(sparsification, consensus, normalize, rescale, referenc
         base="required",
         elementwise=sparsification is None and not consensus,
         cut=_CUTS.get(sparsification),
+        draw=partial(_draw, sparsification) if sparsification in ("random", "della_magprune") else None,
         reference=reference,
     )
 
@@ -364,6 +402,11 @@ _CUTS = {
     "magnitude": lambda delta, p: sparsify.magnitude_cut(delta, p["density"]),
     "magnitude_outliers": lambda delta, p: sparsify.outliers_cut(delta, p["density"], p["gamma"]),
 }
+
+
+def _draw(sparsification: str, chunks, starts, rows: int, p: dict, shared: dict, generator) -> sparsify.Draw:
+    rescale, mode = shared["rescale"], shared.get("rescale_mode", "l1")
+    return sparsify.draw(chunks, starts, rows, sparsification, p, rescale, mode, generator)
 
 
 _GAMMA = (Param("gamma", float, "non_base", 0.01),)

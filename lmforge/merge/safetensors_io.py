@@ -99,14 +99,23 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
     return index
 
 
-def read_rows(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read a tensor, or rows [a, b) of it, with positioned reads (no memory map)."""
+def read_rows(info: TensorInfo, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Read a tensor, or rows [a, b) of it, with positioned reads (no memory map), converted to `dtype`.
+
+    A widening conversion (bfloat16 -> float32) happens in the one buffer of the result: the stored bytes
+    are read into its upper part and widened block by block from the front, each block through a small
+    copy, so no write reaches bytes not yet read. This saves a buffer the size of the stored tensor, and
+    the page faults of filling it (a third of the faults of a 1B bfloat16 merge).
+    """
     start, end, shape = info.start, info.end, info.shape
     if rows is not None:
         start, end = info.start + rows[0] * info.row_bytes, info.start + rows[1] * info.row_bytes
         shape = (rows[1] - rows[0], *info.shape[1:])
-    buffer = torch.empty(end - start, dtype=torch.uint8)
-    view, done = memoryview(buffer.numpy()), 0
+    widen = dtype is not None and dtype.itemsize > info.dtype.itemsize
+    size = (end - start) // info.dtype.itemsize
+    buffer = torch.empty(size * dtype.itemsize if widen else end - start, dtype=torch.uint8)
+    stored = buffer[buffer.numel() - (end - start) :]
+    view, done = memoryview(stored.numpy()), 0
     with open(info.file, "rb", buffering=0) as handle:  # unbuffered: readinto is one read(2) into our buffer
         handle.seek(start)
         while done < end - start:
@@ -114,7 +123,32 @@ def read_rows(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Te
             if not got:
                 raise UserError(f"truncated safetensors file {info.file}: re-save or re-download it")
             done += got
-    return buffer.view(info.dtype).reshape(shape)
+    if not widen:
+        tensor = buffer.view(info.dtype).reshape(shape)
+        return tensor if dtype is None else tensor.to(dtype)
+    source, out = stored.view(info.dtype), buffer.view(dtype)
+    block = torch.empty(min(BLOCK, size), dtype=info.dtype)
+    for a in range(0, size, BLOCK):  # writes end at byte 4b <= 2n + 2b, where the next unread block starts
+        b = min(a + BLOCK, size)
+        out[a:b].copy_(block[: b - a].copy_(source[a:b]))
+    return out.reshape(shape)
+
+
+def narrow_in_place(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` for a narrower dtype, written into the front of tensor's own buffer (which it
+    overwrites), block by block: no second buffer the size of an output tensor, and none of its faults."""
+    if dtype.itemsize >= tensor.dtype.itemsize or not tensor.is_contiguous() or tensor.storage_offset():
+        return tensor.to(dtype)
+    flat, size = tensor.view(-1), tensor.numel()
+    out = flat.view(torch.uint8)[: size * dtype.itemsize].view(dtype)
+    block = torch.empty(min(BLOCK, size), dtype=dtype)
+    for a in range(0, size, BLOCK):  # block a's bytes are read before any write reaches them
+        b = min(a + BLOCK, size)
+        out[a:b].copy_(block[: b - a].copy_(flat[a:b]))
+    return out.view(tensor.shape)
+
+
+BLOCK = 1 << 17  # elements converted at once, through a small buffer that stays in the cache
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lmforge.data.chat import IGNORE_INDEX
 from lmforge.eval.scoring import _LOGIT_TRANSFORMS
+from lmforge.train.tied import add_into_grad, grad_in_place
 
 
 def _logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -67,6 +68,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     grad_weight += grad.T @ chunk
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
+            if grad_in_place(weight):  # a tied embedding while training: no summed copy (train/tied.py)
+                grad_weight = add_into_grad(weight, grad_weight)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_rows, grad_weight, grad_bias, None, None

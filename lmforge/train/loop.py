@@ -15,7 +15,8 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from lmforge.errors import UserError
 from lmforge.train.allocator import return_freed_memory_to_os
+from lmforge.train.tied import densify_gradients, lean_tied_embedding
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 Collate = Callable[[list[dict]], dict]
@@ -69,6 +72,9 @@ class TrainConfig:
     """Fix glibc's malloc thresholds so freed activation buffers go back to the OS (train/allocator.py): lower
     peak RSS on unsplit large batches, at a page-fault cost in speed. The token budget above saves nearly as much
     at no speed cost."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input during forward and recompute the rest in backward: activation
+    memory drops to about one layer's, for about one more forward pass of compute. The update is the same."""
     tensorboard: bool = False
     """Also write the log as TensorBoard scalars to work_dir/tensorboard (needs `pip install tensorboard`)."""
 
@@ -170,9 +176,12 @@ def load_trainable(model: torch.nn.Module, file: Path) -> None:
     """Copy saved trainable tensors (a checkpoint's or the best evaluation's) back into the model."""
     weights = load_file(file)
     params = _trainable(model)
-    missing = set(params) - set(weights)
-    if missing:
-        raise ValueError(f"{file} lacks trainable tensors {sorted(missing)[:3]}")
+    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or extra:
+        raise UserError(
+            f"{file} does not fit this run's trained parameters (missing {missing[:3]}, extra {extra[:3]}): "
+            "train the same parameters as the interrupted run, or start without resume"
+        )
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
@@ -189,7 +198,13 @@ def restore_best(model: torch.nn.Module, work_dir: str | Path) -> bool:
 def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
     """Restore what save_checkpoint wrote (pickles only with weights_only=True)."""
     load_trainable(model, folder / "trainable.safetensors")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    try:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    except (KeyError, ValueError) as error:  # the interrupted run trained other parameters
+        raise UserError(
+            f"{folder / 'optimizer.pt'} does not fit this run's optimiser ({error}): train the same parameters "
+            "as the interrupted run, or start without resume"
+        ) from None
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
     return TrainState(**json.loads((folder / "state.json").read_text()))
 
@@ -227,9 +242,11 @@ def train(
         return_freed_memory_to_os()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(
-        list(_trainable(model).values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
-    )
+    params = list(_trainable(model).values())
+    # fused: one kernel per tensor, no temporaries (the loop's version makes a parameter-sized one per step)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    settings = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused or None)
+    optimizer = torch.optim.AdamW(params, **settings)
     # The model is not wrapped in DDP: loss functions reach past forward() to the decoder's hidden states
     # (chunked losses), which DDP's wrapper would neither expose nor see. Gradients are summed across
     # processes by hand after each step instead (_sum_gradients); for LoRA that is a few MB.
@@ -261,6 +278,10 @@ def train(
 
     model.train()
     started = time.perf_counter()
+    scope = ExitStack()
+    scope.enter_context(lean_tied_embedding(model))
+    if cfg.gradient_checkpointing:
+        scope.enter_context(_checkpointed(model))
     try:
         while state.step < cfg.max_steps:
             for group in optimizer.param_groups:
@@ -284,10 +305,11 @@ def train(
                 loss_sum, _ = loss_fn(model, batch)
                 accelerator.backward(loss_sum / total_tokens)
                 step_loss += loss_sum.item()
+            densify_gradients(params)
             _sum_gradients(model, accelerator)
             grad_norm = None
             if cfg.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(list(_trainable(model).values()), cfg.max_grad_norm))
+                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -319,6 +341,7 @@ def train(
             save_checkpoint(checkpoint, model, optimizer, state)
         raise
     finally:
+        scope.close()
         if board is not None:
             board.close()  # flushes: the writer's background thread may still hold the last scalars
     if accelerator.is_main_process:
@@ -327,13 +350,23 @@ def train(
     return history
 
 
+@contextmanager
+def _checkpointed(model: torch.nn.Module) -> Iterator[None]:
+    """Activation checkpointing per decoder layer while training (transformers' own, non-reentrant)."""
+    if not getattr(model, "supports_gradient_checkpointing", False) and not hasattr(model, "base_model"):
+        raise UserError(f"{type(model).__name__} does not support train.gradient_checkpointing: set it to false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+
+
 def _tensorboard(work_dir: Path):
     """A SummaryWriter, or one clear line saying how to get one."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        from lmforge.errors import UserError
-
         raise UserError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(work_dir / "tensorboard"))
 
