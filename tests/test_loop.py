@@ -222,3 +222,14 @@ def test_resume_with_other_trained_parameters_is_a_clear_error(tiny_llama, rows,
     longer = TrainConfig(lr=1e-2, max_steps=2, batch_size=8, save_every=1)
     with pytest.raises(UserError, match="does not fit this run's trained parameters"):
         train(model, rows, plain_loss, collate, longer, tmp_path, resume=True)
+
+
+def test_a_refused_training_setting_leaves_the_model_as_it_was(tiny_llama_tied, rows, tmp_path):
+    from lmforge.errors import UserError
+
+    model = fresh(tiny_llama_tied)
+    model.supports_gradient_checkpointing = False
+    cfg = TrainConfig(max_steps=1, batch_size=8, save_every=100, gradient_checkpointing=True)
+    with pytest.raises(UserError, match="does not support train.gradient_checkpointing"):
+        train(model, rows, plain_loss, collate, cfg, tmp_path)
+    assert not model.get_input_embeddings().sparse  # the tied-embedding setting entered first was undone

@@ -281,7 +281,8 @@ class _ChunkedDistill(torch.autograd.Function):
             if g is not None:
                 g = g.mul_(grad_total).to(given.dtype)
                 if grad_in_place(given):  # a tied embedding while training: no summed copy (train/tied.py)
-                    g = add_into_grad(given, g)
+                    add_into_grad(given, g)
+                    g = None  # already in .grad: autograd has nothing to add
             out.append(g)
         ctx.grads = ctx.inputs = None
         return (*out, None, None, None, None, None, None, None, None)

@@ -328,8 +328,9 @@ def run_distill(cfg: DistillConfig) -> Path:
 
     teacher_scores = score(teacher_loaded)
     signal_dtype = _signal_dtype(cfg.teacher_dtype, device)
+    signal_name = str(signal_dtype).removeprefix("torch.")
     if teacher.dtype != signal_dtype:
-        log.info("teacher in %s for the training signal (teacher_dtype: %s)", str(signal_dtype)[6:], cfg.teacher_dtype)
+        log.info("teacher in %s for the training signal (teacher_dtype: %s)", signal_name, cfg.teacher_dtype)
         teacher.to(signal_dtype)
     cache = None
     if cfg.signal.kind == "cached":
@@ -398,7 +399,7 @@ def run_distill(cfg: DistillConfig) -> Path:
             metrics=metrics_of(student_scores) if student_scores else {},
         )
         record |= comparison(teacher_scores, student_scores, footprint)
-        record |= {"init_quality": init, "guards": dict(guards.counts), "teacher_signal_dtype": str(signal_dtype)[6:]}
+        record |= {"init_quality": init, "guards": dict(guards.counts), "teacher_signal_dtype": signal_name}
         write_json(staging / "run.json", record)
         (staging / "README.md").write_text(_model_card(cfg, record), encoding="utf-8")
     _print_comparison(record)

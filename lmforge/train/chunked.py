@@ -69,7 +69,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
             if grad_in_place(weight):  # a tied embedding while training: no summed copy (train/tied.py)
-                grad_weight = add_into_grad(weight, grad_weight)
+                add_into_grad(weight, grad_weight)
+                grad_weight = None  # already in .grad: autograd has nothing to add
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_rows, grad_weight, grad_bias, None, None

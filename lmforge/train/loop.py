@@ -245,8 +245,9 @@ def train(
     params = list(_trainable(model).values())
     # fused: one kernel per tensor, no temporaries (the loop's version makes a parameter-sized one per step)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    settings = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused or None)
-    optimizer = torch.optim.AdamW(params, **settings)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused or None
+    )
     # The model is not wrapped in DDP: loss functions reach past forward() to the decoder's hidden states
     # (chunked losses), which DDP's wrapper would neither expose nor see. Gradients are summed across
     # processes by hand after each step instead (_sum_gradients); for LoRA that is a few MB.
@@ -278,11 +279,11 @@ def train(
 
     model.train()
     started = time.perf_counter()
-    scope = ExitStack()
-    scope.enter_context(lean_tied_embedding(model))
-    if cfg.gradient_checkpointing:
-        scope.enter_context(_checkpointed(model))
+    scope = ExitStack()  # closed in `finally`, also when entering a context fails
     try:
+        scope.enter_context(lean_tied_embedding(model))
+        if cfg.gradient_checkpointing:
+            scope.enter_context(_checkpointed(model))
         while state.step < cfg.max_steps:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * learning_rate_factor(state.step, cfg)
@@ -353,9 +354,12 @@ def train(
 @contextmanager
 def _checkpointed(model: torch.nn.Module) -> Iterator[None]:
     """Activation checkpointing per decoder layer while training (transformers' own, non-reentrant)."""
-    if not getattr(model, "supports_gradient_checkpointing", False) and not hasattr(model, "base_model"):
-        raise UserError(f"{type(model).__name__} does not support train.gradient_checkpointing: set it to false")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:  # transformers (and PEFT, which passes it on) decides which models support it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except (ValueError, AttributeError) as error:
+        raise UserError(
+            f"{type(model).__name__} does not support train.gradient_checkpointing ({error}): set it to false"
+        ) from None
     try:
         yield
     finally:

@@ -51,7 +51,7 @@ def grad_in_place(tensor: Tensor) -> bool:
 
 
 def add_into_grad(leaf: Tensor, grad: Tensor) -> None:
-    """leaf.grad += grad in place (or takes `grad` as the buffer); returns None for autograd to pass on."""
+    """leaf.grad += grad in place (or takes `grad` as the buffer); the caller then returns None to autograd."""
     if leaf.grad is None:
         leaf.grad = grad
     else:
