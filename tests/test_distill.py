@@ -160,13 +160,29 @@ def test_bad_settings_are_one_line_errors(teacher, tmp_path, override, message):
     with pytest.raises(UserError, match=message) as err:
         run_distill(make_cfg(teacher, tmp_path / "bad", override))
     assert "\n" not in str(err.value)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.work").exists()
 
 
 def test_empty_dataset_is_an_error(teacher, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(UserError, match="empty"):
+    with pytest.raises(UserError, match="empty") as err:
         run_distill(make_cfg(teacher, tmp_path / "x", "data.task=null", f"data.path={empty}"))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.work").exists()
+
+
+def test_a_student_with_another_vocabulary_is_refused_whole_run(teacher, tmp_path):
+    other = make_tiny_llama(tmp_path / "other", seed=3)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    out = tmp_path / "student"
+    with pytest.raises(UserError, match=r"differ at token id \d+") as err:
+        run_distill(make_cfg(teacher, out, "student_layers=null", f"student={other}"))
+    assert "\n" not in str(err.value)
+    assert not out.exists() and not (tmp_path / "student.work").exists()
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
