@@ -135,7 +135,7 @@ def _model_grads(model, loss):
 
 @pytest.mark.parametrize("logit_transform", [False, True])
 def test_causal_lm_loss_matches_the_models_own_logits_for_every_parameter(tiny_llama, logit_transform):
-    loaded = load_model(tiny_llama)
+    loaded = load_model(tiny_llama, device="cpu")
     model = loaded.model.train()
     if logit_transform:  # llama ignores it, so the fallback must give the same numbers
         model.config.final_logit_softcapping = 30.0
@@ -160,7 +160,7 @@ def test_causal_lm_loss_matches_the_models_own_logits_for_every_parameter(tiny_l
 
 @pytest.mark.parametrize("logit_transform", [False, True])
 def test_sequence_logprobs_match_full_logits_per_row_with_gradients(tiny_llama, logit_transform):
-    loaded = load_model(tiny_llama)
+    loaded = load_model(tiny_llama, device="cpu")
     model = loaded.model.train()
     if logit_transform:
         model.config.final_logit_softcapping = 30.0

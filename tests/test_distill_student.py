@@ -18,7 +18,7 @@ from lmforge.models.tiny import make_tiny_llama
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return load_model(make_tiny_llama(tmp_path_factory.mktemp("teacher6"), layers=6, seed=2))
+    return load_model(make_tiny_llama(tmp_path_factory.mktemp("teacher6"), layers=6, seed=2), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,11 @@ def test_differing_chat_templates_warn(teacher, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lmforge.distill"):
         students.check_vocabularies(teacher.tokenizer, other)
     assert "chat templates differ" in caplog.text
+
+
+def test_a_student_built_from_a_bf16_teacher_trains_in_float32(teacher):
+    """On a GPU the teacher is loaded in bf16 and its config says so; the student's weights must not be."""
+    config = students.student_config(teacher.model, [0, 5], None)
+    config.dtype = torch.bfloat16
+    model = students.random_student(config, seed=0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -63,7 +63,7 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
-    return load_model(tiny_llama)
+    return load_model(tiny_llama, device="cpu")
 
 
 def test_sequence_logprobs_match_full_logits(tiny):
@@ -88,7 +88,7 @@ def test_reference_is_the_base_and_step_zero_loss_is_ln2(tiny_llama, tiny):
     with torch.no_grad():
         base = sequence_logprobs(tiny.model, collate_pairs(rows, pad))
     torch.manual_seed(0)
-    model = attach_lora(load_model(tiny_llama).model, LoraSettings(r=4))
+    model = attach_lora(load_model(tiny_llama, device="cpu").model, LoraSettings(r=4))
     with torch.no_grad():  # a random-but-nonzero adapter, so "disabled" is really tested
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -152,7 +152,7 @@ def test_short_run_learns_the_preference_and_writes_outputs(tiny_llama, tmp_path
 
 
 def test_full_dpo_takes_the_reference_before_training_and_moves_every_weight(tiny_llama, tmp_path):
-    base = load_model(tiny_llama).model.state_dict()
+    base = load_model(tiny_llama, device="cpu").model.state_dict()
     out = run_dpo(_cfg(tiny_llama, tmp_path, "method=full", "train.lr=1e-3"))
     record = json.loads((out / "run.json").read_text())
     assert record["params_trainable"] == record["params_total"]
@@ -160,7 +160,7 @@ def test_full_dpo_takes_the_reference_before_training_and_moves_every_weight(tin
     assert train_pairs["loss"] < math.log(2) and train_pairs["reward_margin"] > 0  # step 0 was ln 2: ref == policy
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert abs(next(s["loss"] for s in steps if "loss" in s) - math.log(2)) < 1e-4
-    tuned = load_model(out).model.state_dict()
+    tuned = load_model(out, device="cpu").model.state_dict()
     assert not (out / "adapter_config.json").exists()
     assert all(not torch.equal(tuned[k], base[k]) for k in base if k.endswith("q_proj.weight"))
 

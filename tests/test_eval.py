@@ -16,7 +16,7 @@ from lmforge.report.record import RECORD_KEYS
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
-    return load_model(tiny_llama)
+    return load_model(tiny_llama, device="cpu")
 
 
 def write_jsonl(path, rows):

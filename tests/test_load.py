@@ -15,7 +15,7 @@ from lmforge.models.load import check_model_folder, gguf_to_folder, load_model, 
 
 
 def test_local_folder_loads_in_eval_mode(tiny_llama):
-    loaded = load_model(tiny_llama)
+    loaded = load_model(tiny_llama, device="cpu")
     assert loaded.folder == tiny_llama
     assert not loaded.model.training
     assert loaded.tokenizer.pad_token_id is not None
@@ -23,7 +23,7 @@ def test_local_folder_loads_in_eval_mode(tiny_llama):
 
 
 def test_gguf_logits_equal_safetensors_logits(tiny_gguf, tiny_llama_tied):
-    from_gguf, from_folder = load_model(tiny_gguf), load_model(tiny_llama_tied)
+    from_gguf, from_folder = load_model(tiny_gguf, device="cpu"), load_model(tiny_llama_tied, device="cpu")
     ids = torch.tensor([[1, 40, 41, 42, 100, 200, 2]])
     torch.testing.assert_close(from_gguf.model(ids).logits, from_folder.model(ids).logits, atol=1e-5, rtol=1e-5)
     text = "Héllo wörld, 2024-01-31!"

@@ -47,11 +47,11 @@ def rows(tiny_llama):
 
 def fresh(tiny_llama):
     torch.manual_seed(0)
-    return load_model(tiny_llama).model
+    return load_model(tiny_llama, device="cpu").model
 
 
 def weights(model):
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+    return {k: v.detach().cpu().clone() for k, v in model.named_parameters()}
 
 
 def test_loss_decreases_and_params_change(tiny_llama, rows, tmp_path):

@@ -278,7 +278,7 @@ def test_weight_search_picks_the_weights_whose_weakest_task_is_best(models, tmp_
 
     def fake_score(loaded, task, limit, metric):
         """The first combination is strong on x and weak on y; every later one is balanced."""
-        seen.append(loaded.model.model.norm.weight.detach().clone())
+        seen.append(loaded.model.model.norm.weight.detach().cpu().clone())
         return {"x": 0.9, "y": 0.5}[task] if len(seen) <= 2 else {"x": 0.8, "y": 0.7}[task], "exact_match"
 
     monkeypatch.setattr(search, "score_task", fake_score)

@@ -37,7 +37,8 @@ def run(out: Path, processes: int, batch: int, accum: int) -> tuple[list[dict], 
         str(batch),
         str(accum),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPU ranks (gloo) even where a GPU is visible: NCCL refuses two ranks on one GPU, and the sums are the point
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "history.json").read_text()), load_file(out / "weights.safetensors")

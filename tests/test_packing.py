@@ -68,7 +68,7 @@ def test_collate_right_pads_every_field():
 
 @pytest.fixture(scope="module")
 def model_and_examples(tiny_llama):
-    model = load_model(tiny_llama).model
+    model = load_model(tiny_llama, device="cpu").model
     generator = torch.Generator().manual_seed(3)
     examples = []
     for n in [9, 7, 6, 5, 4, 3]:

@@ -15,7 +15,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "Assignment statem
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
-    return load_model(tiny_llama)
+    return load_model(tiny_llama, device="cpu")
 
 
 def naive_loglikelihood(model, ids: list[int]) -> float:

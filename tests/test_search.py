@@ -62,8 +62,9 @@ def test_top_k_soup_averages_the_best_trials(tiny_llama, tmp_path):
     merged = []
     for row in top:
         adapter = tmp_path / "tune" / "trials" / f"trial-{row['number']}"
-        merged.append(PeftModel.from_pretrained(load_model(tiny_llama).model, adapter).merge_and_unload().state_dict())
-    soup = load_model(results.soup).model.state_dict()
+        base = load_model(tiny_llama, device="cpu").model
+        merged.append(PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict())
+    soup = load_model(results.soup, device="cpu").model.state_dict()
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(merged[0][name], merged[1][name])  # the trials really differ
     torch.testing.assert_close(soup[name], (merged[0][name] + merged[1][name]) / 2, rtol=1e-5, atol=1e-6)
@@ -86,7 +87,7 @@ def test_pruned_trial_ends_pruned(tiny_llama, tmp_path, monkeypatch):
 def test_shared_base_is_handed_back_unchanged(tiny_llama, tmp_path):
     from lmforge.finetune.sft import run_sft
 
-    loaded = load_model(tiny_llama)
+    loaded = load_model(tiny_llama, device="cpu")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     sft = [f"model={tiny_llama}", "data.task=dates", "data.limit=24", "train.max_steps=1", "eval.probe=false"]
     sft += ["eval.limit=2", "train.lr=1e-2"]
@@ -95,7 +96,7 @@ def test_shared_base_is_handed_back_unchanged(tiny_llama, tmp_path):
         run_sft(cfg, loaded=loaded)
         state = loaded.model.state_dict()
         assert state.keys() == before.keys()
-        assert all(torch.equal(state[k], before[k]) for k in before)
+        assert all(torch.equal(state[k].cpu(), before[k]) for k in before)
 
 
 def test_sample_overrides_stay_inside_the_space():

@@ -38,8 +38,8 @@ def test_lora_sft_writes_an_adapter_that_loads(tiny_llama, tmp_path):
     assert len((out / "log.jsonl").read_text().splitlines()) >= 4
     assert config_io.load(out / "lmforge.yaml", SFTConfig).train.max_steps == 4
     assert not (tmp_path / "out.work").exists()
-    loaded = load_model(out)  # adapter folder -> base + adapter, merged
-    base = load_model(tiny_llama)
+    loaded = load_model(out, device="cpu")  # adapter folder -> base + adapter, merged
+    base = load_model(tiny_llama, device="cpu")
     ids = torch.tensor([[1, 50, 60, 70]])
     assert not torch.allclose(loaded.model(ids).logits, base.model(ids).logits)
 
@@ -47,9 +47,9 @@ def test_lora_sft_writes_an_adapter_that_loads(tiny_llama, tmp_path):
 def test_lora_merge_equals_adapter(tiny_llama, tmp_path):
     out = run_sft(make_cfg(tiny_llama, tmp_path, "merge=true"))
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
-    merged = load_model(out).model
+    merged = load_model(out, device="cpu").model
     adapter_out = run_sft(make_cfg(tiny_llama, tmp_path / "b"))
-    adapter = load_model(adapter_out).model
+    adapter = load_model(adapter_out, device="cpu").model
     ids = torch.tensor([[1, 50, 60, 70, 80]])
     torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, atol=1e-4, rtol=1e-4)
 

@@ -20,7 +20,7 @@ from lmforge.train.tied import densify_gradients, lean_tied_embedding
 @pytest.fixture
 def tied(tiny_llama_tied):
     torch.manual_seed(0)
-    loaded = load_model(tiny_llama_tied)
+    loaded = load_model(tiny_llama_tied, device="cpu")
     records = [{"prompt": f"Add {a} and {b}.", "completion": str(a + b)} for a in range(3) for b in range(2)]
     rows = [vars(render_example(loaded.tokenizer, r)) for r in records]
     rows = [{**r, "position_ids": list(range(len(r["input_ids"])))} for r in rows]
@@ -86,7 +86,7 @@ def test_same_gradients_without_a_summed_copy(tied, loss_fn):
 
 
 def test_untied_or_frozen_embeddings_are_left_alone(tiny_llama):
-    model = load_model(tiny_llama).model
+    model = load_model(tiny_llama, device="cpu").model
     with lean_tied_embedding(model) as active:
         assert active is False and not model.get_input_embeddings().sparse
 

@@ -42,6 +42,7 @@ from lmforge.finetune.sft import DataSettings, EvalSettings, _print_progress, lo
 from lmforge.models.load import LoadedModel, load_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, write_json
+from lmforge.train.chunked import on_model_device
 from lmforge.train.loop import TrainConfig, restore_best, train
 
 log = logging.getLogger("lmforge.distill")
@@ -120,6 +121,7 @@ def make_loss_fn(teacher, cache, objectives: Sequence[Objective], vocab: int, ch
     names = sorted({o.loss for o in objectives})
 
     def loss_fn(model, batch: dict):
+        batch = on_model_device(model, batch)  # evaluators pass CPU batches; the loop's are there already
         rows, weight, bias, targets = students.completion_rows(model, batch, vocab)
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
         if len(targets) and int(targets.max()) >= vocab:

@@ -24,7 +24,7 @@ from lmforge.data.chat import IGNORE_INDEX
 from lmforge.distill.objectives import DenseTeacher, Objective, distill_loss
 from lmforge.errors import UserError
 from lmforge.eval.scoring import _LOGIT_TRANSFORMS
-from lmforge.train.chunked import _model_inputs
+from lmforge.train.chunked import _model_inputs, on_model_device
 
 log = logging.getLogger("lmforge.distill")
 
@@ -88,6 +88,7 @@ def shared_vocab(teacher, student) -> int:
 
 def completion_rows(model, batch: dict, vocab: int):
     """(final hidden states at the trained positions (n, d), head weight (vocab, d), head bias, targets (n,))."""
+    batch = on_model_device(model, batch)
     targets = batch["labels"][:, 1:]  # (batch, seq - 1)
     keep = targets != IGNORE_INDEX
     hidden = model.get_decoder()(**_model_inputs(batch)).last_hidden_state[:, :-1][keep]
@@ -189,9 +190,13 @@ def student_config(teacher, layers: list[int], intermediate: int | None):
 
 
 def random_student(config, seed: int):
-    """A randomly initialised model of `config` (the init-quality baseline, and the frame weights load into)."""
+    """A randomly initialised model of `config` (the init-quality baseline, and the frame weights load into).
+
+    Always float32, whatever precision the teacher was loaded in (bf16 on a GPU, whose config says so): the
+    student is trained, and AdamW updates below bf16's resolution would vanish in bf16 weights.
+    """
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def copy_teacher_weights(student, teacher, layers: list[int], importance: list[torch.Tensor] | None) -> None:

@@ -36,7 +36,7 @@ from lmforge.finetune.sft import EvalSettings, _forgetting_rows, _print_forgetti
 from lmforge.models.load import load_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, write_json
-from lmforge.train.chunked import sequence_logprobs
+from lmforge.train.chunked import on_model_device, sequence_logprobs
 from lmforge.train.loop import TrainConfig, restore_best, train
 
 log = logging.getLogger("lmforge.dpo")
@@ -205,7 +205,7 @@ def make_loss_fn(beta: float, loss_type: str, chunk_size: int = 1024):
     """A loop loss_fn: (model, batch) -> (loss summed over the batch's pairs, metrics)."""
 
     def loss_fn(model, batch: dict) -> tuple[Tensor, dict]:
-        n = batch["num_items"]
+        n, batch = batch["num_items"], on_model_device(model, batch)  # evaluators pass CPU batches
         logps = sequence_logprobs(model, batch, chunk_size)  # (2n,) chosen then rejected
         ref = torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).to(logps)
         if loss_type == "ipo":  # TRL's IPO: mean log-prob per completion token

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import UserError
+from lmforge.train.chunked import on_model_device
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings):
 def merge_and_verify(peft_model, batches: list[dict], atol: float = 1e-3) -> torch.nn.Module:
     """Merge the adapter into the base weights; refuse if merged logits differ from the adapter's."""
     peft_model.eval()
+    batches = [on_model_device(peft_model, b) for b in batches]
     with torch.no_grad():
         expected = [peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
     merged = peft_model.merge_and_unload()

@@ -198,7 +198,7 @@ def _quiet_transformers() -> None:
 def load_model(
     ref: str | Path,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto",
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Resolve `ref` and load a causal LM and its tokenizer, in eval mode.
@@ -206,12 +206,15 @@ def load_model(
     Args:
         ref: `default`, a `.gguf` file, a local folder or a hub id.
         dtype: float32 | bfloat16 | float16.
-        device: torch device string.
+        device: torch device string; auto: the GPU when there is one (scoring, generation and training
+            then run there), else the CPU.
         trust_remote_code: run the model folder's own Python code (off unless the user asks).
     """
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype '{dtype}': use one of {', '.join(_DTYPES)}")
     folder = resolve_model(ref)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         return _load_adapter(folder, dtype, device, trust_remote_code)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -126,6 +126,7 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
     Returns:
         (summed fp32 loss, {"tokens": labelled-token count, "loss": mean loss per labelled token}).
     """
+    batch = on_model_device(model, batch)
     inputs = _model_inputs(batch)
     labels = batch["labels"]
     if any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS):
@@ -140,6 +141,13 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
         loss, tokens = chunked_cross_entropy(hidden, head.weight, labels, chunk_size, getattr(head, "bias", None))
     count = int(tokens)
     return loss, {"tokens": count, "loss": loss.item() / count if count else 0.0}
+
+
+def on_model_device(model, batch: dict) -> dict:
+    """The batch with its tensors on the model's device: evaluators build batches on the CPU, and on a GPU
+    machine the model is on the GPU. A no-op (no copy) where they already agree."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if torch.is_tensor(v) and v.device != device else v for k, v in batch.items()}
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -168,6 +176,7 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024) -> Tensor:
     Returns:
         (batch,) fp32 log-likelihoods; 0 for a row with no labelled token.
     """
+    batch = on_model_device(model, batch)
     inputs = _model_inputs(batch)
     targets = batch["labels"][:, 1:]  # (batch, seq - 1)
     keep = targets != IGNORE_INDEX
