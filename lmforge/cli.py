@@ -6,6 +6,7 @@ exit status 2, never a traceback; anything else is a bug and keeps its traceback
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -241,6 +242,7 @@ def main() -> None:
         sys.exit(130)
     finally:
         _close_process_group()
+        gc.freeze()  # exit without the final collection over torch's objects: 0.3-0.4 s of every command
 
 
 def _close_process_group() -> None:
