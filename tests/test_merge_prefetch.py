@@ -21,7 +21,7 @@ def test_hints_every_local_input_of_models_slices_and_adapters(tmp_path):
     config = {
         "merge_method": "ties",
         "base_model": str(a),
-        "models": [{"model": f"{b}+{tmp_path / 'adapter'}"}, {"model": "org/hub-model"}],
+        "models": [{"model": str(a)}, {"model": f"{b}+{tmp_path / 'adapter'}"}, {"model": "org/hub-model"}],
         "slices": [{"sources": [{"model": str(c), "layer_range": [0, 2]}]}],
     }
     path = tmp_path / "merge.yaml"

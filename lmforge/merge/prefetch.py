@@ -25,7 +25,8 @@ def prefetch_inputs(config: str | dict) -> int:
             import yaml
 
             config = yaml.safe_load(Path(config).read_text())
-        files = [f for folder in _model_folders(config) for f in sorted(folder.glob("*.safetensors"))]
+        folders = dict.fromkeys(_model_folders(config))  # a base model is often also listed among the models
+        files = [f for folder in folders for f in sorted(folder.glob("*.safetensors"))]
         total = sum(f.stat().st_size for f in files)
         if not files or total > _available_bytes() // 4:
             return 0
