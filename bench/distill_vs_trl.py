@@ -31,7 +31,9 @@ tokens (a per-token JSD above ln 2 is the symptom). The on-policy TRL run also r
 it used and the tokens it really trained on.
 
 Targets (issue 5): lmforge <= 0.7x TRL's step time and <= 0.7x its peak RSS with an online teacher, <= 0.5x its
-peak RSS with the cached signal, at equal or lower held-out KL (within 2% relative).
+peak RSS with the cached signal, at equal or lower held-out KL (within 2% relative). With lmforge's
+`--lmforge-set train.gradient_checkpointing=true`, pass `--trl-gradient-checkpointing` too for a like-for-like ratio
+(TRL then recomputes its activations the same way, non-reentrant).
 
 Run from the repository root (about 15 minutes on an idle 2-core machine with the defaults, more under load,
 plus the one-off TRL install):
@@ -112,8 +114,9 @@ dataset = Dataset.from_list([
 config = GKDConfig(
     output_dir=spec["scratch"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
     max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-    max_grad_norm=1.0, max_length=spec["max_length"], packing=False, gradient_checkpointing=False, bf16=False,
-    fp16=False, use_cpu=True, report_to="none", eval_strategy="no", save_strategy="no", logging_steps=1,
+    max_grad_norm=1.0, max_length=spec["max_length"], packing=False, bf16=False, fp16=False,
+    gradient_checkpointing=spec["gradient_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
+    use_cpu=True, report_to="none", eval_strategy="no", save_strategy="no", logging_steps=1,
     disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"],
     train_sampling_strategy="sequential",  # the records come in lmforge's batch order (`trl_order`)
     lmbda=spec["lmbda"], beta=spec["beta"], max_new_tokens=spec["max_new_tokens"],
@@ -308,6 +311,7 @@ def trl_spec(args: argparse.Namespace, signal: str, teacher: Path, student: Path
         lr=args.lr, max_length=args.max_length, seed=args.seed, lmbda=args.lmbda if signal == "on_policy" else 0.0,
         beta=BETA, temperature=TEMPERATURE, max_new_tokens=args.max_new_tokens, scratch=str(run_dir / "scratch"),
         out=str(run_dir / "student"), report=str(run_dir / "report.json"),
+        gradient_checkpointing=args.trl_gradient_checkpointing,
     )  # fmt: skip
 
 
@@ -672,6 +676,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", nargs="+", choices=[f"{t}:{s}" for t, s in RUNS], help="run only these (default: all five)"
     )
     parser.add_argument("--lmforge-set", nargs="*", default=[], help="extra key.sub=value overrides for lmforge")
+    parser.add_argument(
+        "--trl-gradient-checkpointing",
+        action="store_true",
+        help="TRL with gradient checkpointing (non-reentrant, as lmforge's train.gradient_checkpointing)",
+    )
     parser.add_argument("--peer-venv", type=Path, default=ROOT / "bench" / ".venv-trl")
     parser.add_argument("--lmforge-python", type=Path, default=peers.main_python())
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "distill_vs_trl.json")
