@@ -15,7 +15,6 @@ from typing import Annotated
 import typer
 
 from lmforge.errors import UserError
-from lmforge.merge.prefetch import prefetch_inputs
 
 _NO_OP = "accepted for mergekit compatibility; no effect"
 
@@ -63,6 +62,8 @@ def merge_command(
     """Merge models: a mergekit YAML (unchanged), or --method with models as arguments."""
     from rich.console import Console
 
+    from lmforge.merge.run import merge
+
     if trust_remote_code:
         raise UserError("--trust-remote-code: lmforge merges safetensors only and never runs model code; drop the flag")
     if method is None:
@@ -77,10 +78,6 @@ def merge_command(
                 "with --method, give the models then the output folder: lmforge merge --method ties A B OUT"
             )
         config = flags_config(method, base, args[:-1], weight, density, t, param, dtype)
-    if not explain:
-        prefetch_inputs(config)  # before torch is imported: the disk reads while the import runs
-    from lmforge.merge.run import merge
-
     folder = merge(
         config,
         Path(args[-1]),

@@ -6,12 +6,11 @@ rank cut, take a huge tensor in two passes: one cut item per input (its task vec
 so do DARE/DELLA, whose draw items stream each task vector (mask and L1 sums) and whose chunks redraw it.
 Each worker reads its item's inputs with positioned reads (which release the GIL, so one worker's I/O
 overlaps another's arithmetic), merges them with torch single-threaded, rounds once to the output dtype
-and writes at an offset fixed before the first tensor was read. The kernel is asked (posix_fadvise) to
-read the inputs of the next READ_AHEAD_BYTES of items, so a cold disk reads while both cores merge.
-A NaN/Inf in an input or in a result stops the merge naming the tensor, unless `allow_nonfinite`. Random
-methods get generators keyed by (seed, tensor name, model number): the same bits whatever the order of work
-or the number of workers.
+and writes at an offset fixed before the first tensor was read. A NaN/Inf in an input or in a result
+stops the merge naming the tensor, unless `allow_nonfinite`. Random methods get generators keyed by
+(seed, tensor name, model number): the same bits whatever the order of work or the number of workers.
 """
+
 
 from __future__ import annotations
 
@@ -33,13 +32,12 @@ from lmforge.merge import sparsify
 from lmforge.merge import vocab as vocab_io
 from lmforge.merge.methods import Inputs, Method, ParameterError
 from lmforge.merge.plan import InputModel, TensorPlan
-from lmforge.merge.safetensors_io import OutputTensor, narrow_in_place, plan_shards, prefetch, read_rows, write_at
+from lmforge.merge.safetensors_io import OutputTensor, narrow_in_place, plan_shards, read_rows, write_at
 
 CHUNK_BYTES = 16 << 20  # float32 bytes per input per row chunk (under glibc's 32 MB cap: buffers are reused)
 WHOLE_BYTES = 96 << 20  # float32 bytes per input above which a cut method runs in two passes (cuts, then chunks)
 DRAW_BYTES = 1 << 20  # float32 bytes per input per read of a streamed draw (its buffers are reused, not split)
 IN_FLIGHT_BYTES = 256 << 20  # input bytes of the items being merged at once (a larger item runs alone)
-READ_AHEAD_BYTES = 512 << 20  # input bytes past the items started that the kernel is asked to read ahead
 
 
 @dataclass(frozen=True)
@@ -154,14 +152,8 @@ def run(
         task = bar.add_task("merge", total=len(plans), rate="")
         running: deque[tuple[Item, Future, int]] = deque()
         in_flight, next_index = 0, 0
-        ahead, ahead_index = 0, 0  # bytes asked to be read ahead of next_index; the first item not asked yet
         try:
             while running or next_index < len(items):
-                if ahead_index < next_index:
-                    ahead_index, ahead = next_index, 0
-                while ahead_index < len(items) and ahead < READ_AHEAD_BYTES:  # the disk works while we compute
-                    ahead += _read_ahead(items[ahead_index], models, method)
-                    ahead_index += 1
                 while next_index < len(items) and len(running) < 2 * workers:
                     size = _item_bytes(items[next_index], models, method)
                     if running and in_flight + size > IN_FLIGHT_BYTES:
@@ -173,7 +165,6 @@ def run(
                     else:
                         future = pool.submit(merge_item, item, cuts.get(item.plan.name))
                     running.append((item, future, size))
-                    ahead -= size if next_index < ahead_index else 0  # no longer ahead: started
                     in_flight, next_index = in_flight + size, next_index + 1
                 item, future, size = running.popleft()
                 result = future.result()
@@ -250,13 +241,6 @@ def _item_bytes(item: Item, models: list[InputModel], method: Method) -> int:
         info = models[number].index[name]
         total += (info.end - info.start) if item.rows is None else (item.rows[1] - item.rows[0]) * info.row_bytes
     return total
-
-
-def _read_ahead(item: Item, models: list[InputModel], method: Method) -> int:
-    """Hint the kernel to read an item's inputs (posix_fadvise WILLNEED); returns the item's input bytes."""
-    for number, name in item.plan.inputs:
-        prefetch(models[number].index[name], item.rows)
-    return _item_bytes(item, models, method)
 
 
 def _read(item: Item, models: list[InputModel]) -> list[torch.Tensor]:

@@ -99,19 +99,6 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
     return index
 
 
-def prefetch(info: TensorInfo, rows: tuple[int, int] | None = None) -> None:
-    """Ask the kernel to start reading a tensor (or rows of it) into the page cache, and return at once."""
-    start, end = info.start, info.end
-    if rows is not None:
-        start, end = info.start + rows[0] * info.row_bytes, info.start + rows[1] * info.row_bytes
-    if end > start and hasattr(os, "posix_fadvise"):
-        handle = os.open(info.file, os.O_RDONLY)
-        try:
-            os.posix_fadvise(handle, start, end - start, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(handle)
-
-
 def read_rows(info: TensorInfo, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Read a tensor, or rows [a, b) of it, with positioned reads (no memory map), converted to `dtype`.
 
