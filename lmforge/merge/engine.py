@@ -11,7 +11,6 @@ stops the merge naming the tensor, unless `allow_nonfinite`. Random methods get 
 (seed, tensor name, model number): the same bits whatever the order of work or the number of workers.
 """
 
-
 from __future__ import annotations
 
 import ctypes
