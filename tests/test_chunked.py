@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lmforge.data.chat import IGNORE_INDEX
 from lmforge.models.load import load_model
-from lmforge.train.chunked import causal_lm_loss, chunked_cross_entropy, sequence_logprobs
+from lmforge.train.chunked import causal_lm_loss, chunked_cross_entropy, on_model_device, sequence_logprobs
 
 VOCAB, DIM = 300, 32
 
@@ -178,3 +178,11 @@ def test_sequence_logprobs_match_full_logits_per_row_with_gradients(tiny_llama, 
     _close(got, want)
     for name, grad in grads.items():
         _close(grad, ref_grads[name])
+
+
+def test_batches_follow_the_model_to_its_device():
+    """Evaluators build batches on the CPU; on a GPU machine the model is on the GPU (meta stands in for it)."""
+    batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "num_items": 1}
+    moved = on_model_device(torch.nn.Linear(2, 2, device="meta"), batch)
+    assert moved["input_ids"].device.type == "meta" and moved["num_items"] == 1
+    assert on_model_device(torch.nn.Linear(2, 2), batch)["input_ids"] is batch["input_ids"]  # no copy
