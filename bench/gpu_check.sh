@@ -12,6 +12,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 failures=0
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, report the status and wall time
     local name=$1 start=$SECONDS
