@@ -416,3 +416,19 @@ def test_tied_checkpoints_merge_whichever_name_holds_the_embedding(tmp_path):
     got = weights(merge({"merge_method": "linear", "models": models}, tmp_path / "out", progress=False))
     assert "lm_head.weight" not in got
     torch.testing.assert_close(got["model.embed_tokens.weight"], weights(tied)["model.embed_tokens.weight"])
+
+
+def test_conversions_in_the_buffer_equal_torchs(tmp_path):
+    """read_rows widens bf16 in its own buffer and narrow_in_place rounds in place, block by block across
+    several blocks: the same bits as `.to(dtype)`."""
+    from safetensors.torch import save_file
+
+    from lmforge.merge.safetensors_io import BLOCK, narrow_in_place, read_header, read_rows
+
+    values = torch.randn(3 * BLOCK + 8, generator=torch.Generator().manual_seed(0)).view(-1, 8) * 1e-3
+    stored = values.bfloat16()
+    save_file({"w": stored}, tmp_path / "w.safetensors")
+    info = read_header(tmp_path / "w.safetensors")["w"]
+    assert torch.equal(read_rows(info, None, torch.float32), stored.float())
+    assert torch.equal(read_rows(info, (7, 70), torch.float32), stored[7:70].float())
+    assert torch.equal(narrow_in_place(values.clone(), torch.bfloat16), stored)

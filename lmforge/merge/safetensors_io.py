@@ -126,11 +126,8 @@ def read_rows(info: TensorInfo, rows: tuple[int, int] | None = None, dtype: torc
     if not widen:
         tensor = buffer.view(info.dtype).reshape(shape)
         return tensor if dtype is None else tensor.to(dtype)
-    source, out = stored.view(info.dtype), buffer.view(dtype)
-    block = torch.empty(min(BLOCK, size), dtype=info.dtype)
-    for a in range(0, size, BLOCK):  # writes end at byte 4b <= 2n + 2b, where the next unread block starts
-        b = min(a + BLOCK, size)
-        out[a:b].copy_(block[: b - a].copy_(source[a:b]))
+    out = buffer.view(dtype)
+    _convert_in_blocks(stored.view(info.dtype), out)  # writes end at byte 4b <= 2n + 2b: the next unread block
     return out.reshape(shape)
 
 
@@ -139,13 +136,20 @@ def narrow_in_place(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     overwrites), block by block: no second buffer the size of an output tensor, and none of its faults."""
     if dtype.itemsize >= tensor.dtype.itemsize or not tensor.is_contiguous() or tensor.storage_offset():
         return tensor.to(dtype)
-    flat, size = tensor.view(-1), tensor.numel()
-    out = flat.view(torch.uint8)[: size * dtype.itemsize].view(dtype)
-    block = torch.empty(min(BLOCK, size), dtype=dtype)
-    for a in range(0, size, BLOCK):  # block a's bytes are read before any write reaches them
-        b = min(a + BLOCK, size)
-        out[a:b].copy_(block[: b - a].copy_(flat[a:b]))
+    flat = tensor.view(-1)
+    out = flat.view(torch.uint8)[: flat.numel() * dtype.itemsize].view(dtype)
+    _convert_in_blocks(flat, out)  # block a's bytes are read before any write reaches them
     return out.view(tensor.shape)
+
+
+def _convert_in_blocks(source: torch.Tensor, out: torch.Tensor) -> None:
+    """out[:] = source converted to out's dtype, BLOCK elements at a time through a small buffer, front to back:
+    `source` and `out` may share memory, provided no block's write reaches source bytes not yet read."""
+    size = source.numel()
+    block = torch.empty(min(BLOCK, size), dtype=source.dtype)
+    for a in range(0, size, BLOCK):
+        b = min(a + BLOCK, size)
+        out[a:b].copy_(block[: b - a].copy_(source[a:b]))
 
 
 BLOCK = 1 << 17  # elements converted at once, through a small buffer that stays in the cache
