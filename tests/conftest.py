@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -41,3 +42,14 @@ def tiny_llama_tied(tmp_path_factory):
 def tiny_gguf(tiny_llama_tied, tmp_path_factory):
     """The tied tiny llama written as an F32 GGUF file by the `gguf` package."""
     return write_llama_gguf(tiny_llama_tied, tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf")
+
+
+@pytest.fixture
+def swapped_vocabulary_llama(tmp_path):
+    """A tiny llama whose tokenizer swaps the ids of 'a' and 'b': a vocabulary that really differs."""
+    folder = make_tiny_llama(tmp_path / "swapped_vocabulary", seed=3)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
