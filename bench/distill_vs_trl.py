@@ -33,7 +33,8 @@ it used and the tokens it really trained on.
 Targets (issue 5): lmforge <= 0.7x TRL's step time and <= 0.7x its peak RSS with an online teacher, <= 0.5x its
 peak RSS with the cached signal, at equal or lower held-out KL (within 2% relative). With lmforge's
 `--lmforge-set train.gradient_checkpointing=true`, pass `--trl-gradient-checkpointing` too for a like-for-like ratio
-(TRL then recomputes its activations the same way, non-reentrant).
+(TRL then recomputes its activations the same way, non-reentrant). `--lmforge-set train.optimizer_in_backward=true`
+needs `--max-grad-norm none`, which turns clipping off in both tools.
 
 Run from the repository root (about 15 minutes on an idle 2-core machine with the defaults, more under load,
 plus the one-off TRL install):
@@ -114,7 +115,7 @@ dataset = Dataset.from_list([
 config = GKDConfig(
     output_dir=spec["scratch"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
     max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-    max_grad_norm=1.0, max_length=spec["max_length"], packing=False, bf16=False, fp16=False,
+    max_grad_norm=spec["max_grad_norm"] or 0.0, max_length=spec["max_length"], packing=False, bf16=False, fp16=False,
     gradient_checkpointing=spec["gradient_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
     use_cpu=True, report_to="none", eval_strategy="no", save_strategy="no", logging_steps=1,
     disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"],
@@ -287,7 +288,8 @@ def trl_order(train: list[dict], n: int, seed: int) -> list[dict]:
 def lmforge_config(args: argparse.Namespace, signal: str, teacher: Path, student: Path, data: Path, out: Path) -> dict:
     """A distill config as a dict (written as JSON, which is YAML); no task scoring before/after, as in TRL."""
     train = dict(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, grad_accum=1, warmup_steps=0)
-    train |= dict(schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=0, save_every=args.steps + 1)
+    train |= dict(schedule="cosine", weight_decay=0.0, max_grad_norm=args.max_grad_norm, eval_every=0)
+    train |= dict(save_every=args.steps + 1)
     fraction = args.lmbda if signal == "on_policy" else 0.0
     return {
         "output": str(out),
@@ -311,7 +313,7 @@ def trl_spec(args: argparse.Namespace, signal: str, teacher: Path, student: Path
         lr=args.lr, max_length=args.max_length, seed=args.seed, lmbda=args.lmbda if signal == "on_policy" else 0.0,
         beta=BETA, temperature=TEMPERATURE, max_new_tokens=args.max_new_tokens, scratch=str(run_dir / "scratch"),
         out=str(run_dir / "student"), report=str(run_dir / "report.json"),
-        gradient_checkpointing=args.trl_gradient_checkpointing,
+        gradient_checkpointing=args.trl_gradient_checkpointing, max_grad_norm=args.max_grad_norm,
     )  # fmt: skip
 
 
@@ -680,6 +682,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trl-gradient-checkpointing",
         action="store_true",
         help="TRL with gradient checkpointing (non-reentrant, as lmforge's train.gradient_checkpointing)",
+    )
+    parser.add_argument(
+        "--max-grad-norm",
+        type=lambda text: None if text.lower() in ("none", "null", "0") else float(text),
+        default=1.0,
+        help="global gradient-norm clipping for both tools (default 1.0; none: no clipping, which lmforge's "
+        "train.optimizer_in_backward=true needs)",
     )
     parser.add_argument("--peer-venv", type=Path, default=ROOT / "bench" / ".venv-trl")
     parser.add_argument("--lmforge-python", type=Path, default=peers.main_python())

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge import cli
 from lmforge import config as config_io
@@ -135,6 +136,39 @@ def test_cached_signal_trains_without_the_teacher_in_memory(teacher, tmp_path, m
     stamp = cache.stat().st_mtime_ns
     run_distill(config_io.load(None, DistillConfig, [*_overrides(cfg), "overwrite=true"]))
     assert cache.stat().st_mtime_ns == stamp  # the same teacher, data and settings reuse the file
+
+
+def test_the_lean_memory_settings_train_the_same_student(teacher, tmp_path, monkeypatch):
+    """Cached signal + optimiser in backward + checkpointing + allocator setting (the benchmark's lean run) give
+    the student an ordinary unclipped run gives; the allocator is set before the teacher loads."""
+    from safetensors.torch import load_file
+
+    calls = []
+    monkeypatch.setattr(distill_run, "return_freed_memory_to_os", lambda: calls.append(1) or True)
+    common = ["signal.kind=cached", "signal.top_k=8", f"signal.cache={tmp_path / 'topk.safetensors'}",
+              "train.max_grad_norm=null", "train.micro_batch_tokens=0"]  # fmt: skip
+    lean = ["train.optimizer_in_backward=true", "train.gradient_checkpointing=true", "train.release_memory=true"]
+    plain = run_distill(make_cfg(teacher, tmp_path / "plain", *common))
+    assert calls == []
+    out = run_distill(make_cfg(teacher, tmp_path / "lean", *common, *lean))
+    assert calls == [1]
+    assert losses(out) == pytest.approx(losses(plain), rel=1e-4) and losses(out)[-1] < losses(out)[0]
+    a, b = load_file(plain / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
+    record = json.loads((out / "run.json").read_text())  # the teacher, timed before training, is in the ratios
+    assert record["ratios"]["params"] == pytest.approx(
+        record["footprint"]["student"]["params_total"] / record["footprint"]["teacher"]["params_total"], abs=1e-4
+    )
+    assert record["ratios"]["params"] < 1 and record["ratios"]["speedup"] > 0
+
+
+def test_a_bf16_teacher_is_timed_as_a_float32_copy_and_left_as_it_was(teacher):
+    loaded = load_model(teacher, dtype="bfloat16", device="cpu")
+    footprint = distill_run._teacher_footprint(loaded)
+    assert loaded.model.dtype == torch.bfloat16  # the training signal still comes from the bf16 model
+    assert footprint["params_total"] == sum(p.numel() for p in loaded.model.parameters())
+    assert footprint["ms_per_token"] > 0 and footprint["load_s"] == round(loaded.load_s, 3)
 
 
 def _overrides(cfg):

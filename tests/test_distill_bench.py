@@ -28,3 +28,15 @@ def test_trl_gradient_checkpointing_reaches_the_trainer(bench, flag, tmp_path):
     # the TRL child reads it from the spec, and checkpoints as lmforge does (non-reentrant)
     assert 'gradient_checkpointing=spec["gradient_checkpointing"]' in bench.TRL_SCRIPT
     assert '"use_reentrant": False' in bench.TRL_SCRIPT
+
+
+@pytest.mark.parametrize(("given", "lmforge", "trl"), [([], 1.0, 1.0), (["--max-grad-norm", "none"], None, 0.0)])
+def test_max_grad_norm_reaches_both_tools(bench, given, lmforge, trl, tmp_path):
+    """Clipping is the same on both sides; 'none' is None for lmforge and 0 (Trainer's 'off') for TRL."""
+    args = bench.parse_args(given)
+    args.train = 8
+    config = bench.lmforge_config(args, "cached", tmp_path / "t", tmp_path / "s", tmp_path / "d", tmp_path / "o")
+    assert config["train"]["max_grad_norm"] == lmforge
+    spec = bench.trl_spec(args, "off_policy", tmp_path / "t", tmp_path / "s", [], tmp_path)
+    assert (spec["max_grad_norm"] or 0.0) == trl
+    assert 'max_grad_norm=spec["max_grad_norm"] or 0.0' in bench.TRL_SCRIPT

@@ -233,3 +233,59 @@ def test_a_refused_training_setting_leaves_the_model_as_it_was(tiny_llama_tied, 
     with pytest.raises(UserError, match="does not support train.gradient_checkpointing"):
         train(model, rows, plain_loss, collate, cfg, tmp_path)
     assert not model.get_input_embeddings().sparse  # the tied-embedding setting entered first was undone
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied"])
+def test_optimizer_in_backward_gives_the_same_update(fixture, rows, tmp_path, request):
+    """Stepping each parameter inside backward is AdamW's update, without clipping, for tied heads too."""
+    from lmforge.train.chunked import causal_lm_loss
+
+    path = request.getfixturevalue(fixture)
+    results = []
+    for flag in (False, True):
+        model = fresh(path)
+        clip = None if flag else 1e9  # a bound never reached: the reference logs its norm and does not clip
+        cfg = TrainConfig(
+            lr=1e-2, max_steps=3, batch_size=8, save_every=100, max_grad_norm=clip, optimizer_in_backward=flag
+        )
+        history = train(model, rows, causal_lm_loss, collate, cfg, tmp_path / str(flag))
+        assert all(p.grad is None for p in model.parameters())  # nothing left holding a gradient
+        results.append((weights(model), history))
+    (w_a, log_a), (w_b, log_b) = results
+    assert [h["loss"] for h in log_a] == pytest.approx([h["loss"] for h in log_b], rel=1e-5)
+    assert [h["grad_norm"] for h in log_b] == pytest.approx([h["grad_norm"] for h in log_a], rel=1e-4)
+    assert any(not torch.equal(w_a[k], fresh(path).state_dict()[k]) for k in w_a)  # it trained at all
+    for name in w_a:
+        torch.testing.assert_close(w_a[name], w_b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_optimizer_in_backward_resumes_exactly(tiny_llama, rows, tmp_path):
+    cfg = TrainConfig(
+        lr=5e-3, max_steps=4, batch_size=4, save_every=100, max_grad_norm=None, optimizer_in_backward=True
+    )
+    straight = train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path / "straight")
+
+    def kill_at_2(entry):
+        if entry.get("step") == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path / "killed", on_log=kill_at_2)
+    resumed = train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path / "killed", resume=True)
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in straight[2:]], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ({}, "max_grad_norm"),
+        ({"max_grad_norm": None, "grad_accum": 2}, "grad_accum"),
+        ({"max_grad_norm": None, "micro_batch_tokens": 64}, "micro_batch_tokens"),
+    ],
+)
+def test_optimizer_in_backward_refuses_what_it_cannot_honour(setting, key, tiny_llama, rows, tmp_path):
+    from lmforge.errors import UserError
+
+    cfg = TrainConfig(max_steps=1, batch_size=4, optimizer_in_backward=True, **setting)
+    with pytest.raises(UserError, match=f"train.{key}="):
+        train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path)

@@ -42,6 +42,7 @@ from lmforge.finetune.sft import DataSettings, EvalSettings, _print_progress, lo
 from lmforge.models.load import LoadedModel, load_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, write_json
+from lmforge.train.allocator import return_freed_memory_to_os
 from lmforge.train.chunked import on_model_device
 from lmforge.train.loop import TrainConfig, restore_best, train
 
@@ -278,6 +279,8 @@ def run_distill(cfg: DistillConfig) -> Path:
         raise UserError(f"output folder {output} exists: set overwrite: true (or --overwrite), or resume: true")
     if not cfg.resume:
         shutil.rmtree(work, ignore_errors=True)
+    if cfg.train.release_memory:  # from the start: a cached-signal run frees a whole teacher before training
+        return_freed_memory_to_os()
     records = load_records_for(cfg)
     if not records:
         raise UserError("the dataset is empty: check data.path / data.task and data.limit")
@@ -329,6 +332,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         )
 
     teacher_scores = score(teacher_loaded)
+    teacher_footprint = _teacher_footprint(teacher_loaded)  # now: later the teacher may be gone (cached signal)
     signal_dtype = _signal_dtype(cfg.teacher_dtype, device)
     signal_name = str(signal_dtype).removeprefix("torch.")
     if teacher.dtype != signal_dtype:
@@ -373,14 +377,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         shutil.copy(work / "log.jsonl", staging / "log.jsonl")
         student_loaded = LoadedModel(final, student_tokenizer, str(output), staging, 0.0)
         student_scores = score(student_loaded)
-        footprint = {"student": measure_footprint(student_loaded)}
-        if teacher_loaded.model is None:  # cached signal: the teacher comes back only once the student has gone
-            student_loaded = final = model = student = None
-            gc.collect()
-            teacher_loaded = load_model(cfg.teacher)
-        footprint["teacher"] = measure_footprint(
-            dataclasses.replace(teacher_loaded, model=teacher_loaded.model.cpu().float())
-        )
+        footprint = {"student": measure_footprint(student_loaded), "teacher": teacher_footprint}
         record = run_record(
             "distill",
             f"distill-{cfg.method}-{cfg.signal.kind}",
@@ -407,6 +404,22 @@ def run_distill(cfg: DistillConfig) -> Path:
     _print_comparison(record)
     shutil.rmtree(work, ignore_errors=True)
     return output
+
+
+def _teacher_footprint(loaded: LoadedModel) -> dict:
+    """The teacher's size and speed measured as the student's will be (on the CPU, in float32).
+
+    Taken before training, while the teacher is loaded anyway: a cached-signal run then never holds it again
+    (reloading it at the end put the run's peak memory there, on top of the heap training left behind).
+    """
+    model = loaded.model
+    if model.device.type == "cpu" and model.dtype == torch.float32:
+        return measure_footprint(loaded)
+    copy = load_model(str(loaded.folder), dtype="float32", device="cpu")  # a GPU or bf16 teacher stays as it is
+    footprint = measure_footprint(dataclasses.replace(copy, load_s=loaded.load_s))
+    del copy
+    gc.collect()
+    return footprint
 
 
 def native_bf16_cpu() -> bool:

@@ -11,13 +11,16 @@ On the finetune benchmark's workload (SmolLM2-135M LoRA, batch 8 x ~74 tokens, 6
 |---|---|---|
 | glibc default (grows to 32 MiB) | 2.62 GB | 3.0 |
 | 128 KiB fixed | 1.75 GB | 18.7 |
-| 1 MiB fixed (ours) | 1.84-1.89 GB | 4.3-10.1 |
+| 1 MiB fixed | 1.84-1.89 GB | 4.3-10.1 |
 | 4 MiB fixed | 2.60 GB | 2.0 |
 
-1 MiB sends activation-sized buffers (a batch's hidden states and up) to mmap and keeps small tensors on the
-heap: most of the memory saving for a fraction of the fault cost. On a quiet machine the faults still cost ~30%
-of training speed, so the loop only does this when asked; splitting batches by tokens (loop.py) saves about as
-much memory at full speed.
+512 KiB (ours since the distillation benchmark; 1 MiB before) sends activation-sized buffers (a batch's hidden
+states and up) to mmap and keeps small tensors on the heap: most of the memory saving for a fraction of the fault
+cost. On the distillation benchmark's cached-signal run (batch 4 x ~70 tokens: hidden states of ~0.6 MB, which
+1 MiB missed; optimiser stepped in backward, checkpointing) the training peak was 1.62 GB at 1 MiB, 1.57 at
+512 KiB, 1.57 at 256 KiB and 1.55 at 128 KiB (docs/benchmarks.md, sixth round). On a quiet machine the
+faults still cost ~30% of training speed, so the loop only does this when asked; splitting batches by tokens
+(loop.py) saves about as much memory at full speed.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ log = logging.getLogger("lmforge")
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1024 * 1024  # buffers this size and up are mmapped (see the table above)
+MMAP_THRESHOLD_BYTES = 512 * 1024  # buffers this size and up are mmapped (see the table above)
 TRIM_THRESHOLD_BYTES = 128 * 1024  # glibc's default trim threshold, kept fixed instead of growing
 _done = False
 

@@ -23,10 +23,12 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lmforge.errors import UserError
 from lmforge.train.allocator import return_freed_memory_to_os
+from lmforge.train.in_backward import StepInBackward
 from lmforge.train.tied import densify_gradients, lean_tied_embedding
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -72,6 +74,11 @@ class TrainConfig:
     """Fix glibc's malloc thresholds so freed activation buffers go back to the OS (train/allocator.py): lower
     peak RSS on unsplit large batches, at a page-fault cost in speed. The token budget above saves nearly as much
     at no speed cost."""
+    optimizer_in_backward: bool = False
+    """Step AdamW on each parameter as soon as its gradient is complete and free the gradient then
+    (train/in_backward.py): full fine-tuning no longer holds a model-sized gradient. Same AdamW update, but no
+    global-norm clipping, so it needs max_grad_norm: null, grad_accum 1, micro_batch_tokens 0 or unset (the
+    batch runs in one pass) and one process."""
     gradient_checkpointing: bool = False
     """Keep only each decoder layer's input during forward and recompute the rest in backward: activation
     memory drops to about one layer's, for about one more forward pass of compute. The update is the same."""
@@ -173,18 +180,20 @@ def save_checkpoint(folder: Path, model, optimizer, state: TrainState) -> None:
 
 
 def load_trainable(model: torch.nn.Module, file: Path) -> None:
-    """Copy saved trainable tensors (a checkpoint's or the best evaluation's) back into the model."""
-    weights = load_file(file)
+    """Copy saved trainable tensors (a checkpoint's or the best evaluation's) back into the model, one tensor
+    at a time (loading the whole file first would hold a second copy of the trained weights)."""
     params = _trainable(model)
-    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-    if missing or extra:
-        raise UserError(
-            f"{file} does not fit this run's trained parameters (missing {missing[:3]}, extra {extra[:3]}): "
-            "train the same parameters as the interrupted run, or start without resume"
-        )
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    with safe_open(file, framework="pt") as saved:
+        names = set(saved.keys())
+        missing, extra = sorted(set(params) - names), sorted(names - set(params))
+        if missing or extra:
+            raise UserError(
+                f"{file} does not fit this run's trained parameters (missing {missing[:3]}, extra {extra[:3]}): "
+                "train the same parameters as the interrupted run, or start without resume"
+            )
+        with torch.no_grad():
+            for name in names:
+                params[name].copy_(saved.get_tensor(name))
 
 
 def restore_best(model: torch.nn.Module, work_dir: str | Path) -> bool:
@@ -243,18 +252,18 @@ def train(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     params = list(_trainable(model).values())
-    # fused: one kernel per tensor, no temporaries (the loop's version makes a parameter-sized one per step)
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused or None
-    )
+    if cfg.optimizer_in_backward:
+        _check_in_backward(cfg, accelerator.num_processes)
+    optimizer = _optimizer(params, cfg)
     # The model is not wrapped in DDP: loss functions reach past forward() to the decoder's hidden states
     # (chunked losses), which DDP's wrapper would neither expose nor see. Gradients are summed across
     # processes by hand after each step instead (_sum_gradients); for LoRA that is a few MB.
     model = model.to(accelerator.device)
     token_budget = cfg.micro_batch_tokens
     if token_budget is None:
-        token_budget = CPU_MICRO_BATCH_TOKENS if accelerator.device.type == "cpu" else 0
+        token_budget = (
+            CPU_MICRO_BATCH_TOKENS if accelerator.device.type == "cpu" and not cfg.optimizer_in_backward else 0
+        )
     state = TrainState()
     checkpoint = work_dir / "checkpoint"
     if resume and (checkpoint / "state.json").is_file():
@@ -284,6 +293,8 @@ def train(
         scope.enter_context(lean_tied_embedding(model))
         if cfg.gradient_checkpointing:
             scope.enter_context(_checkpointed(model))
+        if isinstance(optimizer, StepInBackward):
+            scope.enter_context(optimizer.hooked())
         while state.step < cfg.max_steps:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * learning_rate_factor(state.step, cfg)
@@ -309,7 +320,9 @@ def train(
             densify_gradients(params)
             _sum_gradients(model, accelerator)
             grad_norm = None
-            if cfg.max_grad_norm is not None:
+            if isinstance(optimizer, StepInBackward):
+                grad_norm = optimizer.take_grad_norm()
+            elif cfg.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -349,6 +362,35 @@ def train(
         save_checkpoint(checkpoint, model, optimizer, state)
     model.eval()
     return history
+
+
+def _optimizer(params: list[torch.Tensor], cfg: TrainConfig):
+    """AdamW over the trainable parameters, whole or stepped one parameter at a time in backward."""
+    # fused: one kernel per tensor, no temporaries (the loop's version makes a parameter-sized one per step)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+    def adamw(group: list[torch.Tensor]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(
+            group, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused or None
+        )
+
+    return StepInBackward(params, adamw) if cfg.optimizer_in_backward else adamw(params)
+
+
+def _check_in_backward(cfg: TrainConfig, processes: int) -> None:
+    """Refuse the settings a step taken inside backward cannot honour, naming the key to change."""
+    refused = {
+        "max_grad_norm": (cfg.max_grad_norm is not None, "null (the global norm is known only after every step)"),
+        "grad_accum": (cfg.grad_accum != 1, "1 (each backward pass steps the weights)"),
+        "micro_batch_tokens": (bool(cfg.micro_batch_tokens), "0 or unset (the batch must run in one pass)"),
+    }
+    for key, (bad, fix) in refused.items():
+        if bad:
+            raise UserError(
+                f"train.optimizer_in_backward cannot run with train.{key}={getattr(cfg, key)}: set it to {fix}"
+            )
+    if processes != 1:
+        raise UserError(f"train.optimizer_in_backward runs in one process, not {processes}: launch one, or turn it off")
 
 
 @contextmanager
