@@ -11,6 +11,9 @@ Cases (the same YAML file goes to both tools):
   of disk for the set. mergekit needs ~11 GB of RAM here: the case is skipped when memory or disk is short.
 - io_floor: `cat` of every input file to /dev/null, then `dd` of one output-sized file (zeros): what reading the
   inputs and writing the output costs on this machine, with no arithmetic.
+- torch_import: `python -c "import torch"` with lmforge's interpreter, what any torch-based process pays before
+  it reads a byte (column "import/floor"): where it is over 1, "within 2x of the floor" leaves less time for
+  reading, merging and writing than `cat` and `dd` take.
 
 Each tool runs in a process of its own (peers.measure: wall time, peak RSS of the process tree); the order of
 the two tools alternates between repeats; medians over `--repeats`. `--page-cache cold` (default): before each
@@ -51,6 +54,7 @@ VENV = ROOT / "bench" / ".venv-mergekit"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TOOLS = ("lmforge", "mergekit")
 CASES = ("linear", "slerp", "ties", "dare_ties", "ties_1b")
+BOUNDS = ("io_floor", "torch_import")  # timed beside the tools in every repeat
 TARGET_FLOOR, TARGET_RSS = 2.0, 0.3
 NOISE = 0.05  # fine-tune stand-in: each tensor + N(0, (NOISE * its std)^2)
 # ~1.17B parameters, bfloat16: 2 x 49152 x 2048 embeddings + 16 x 60.8M per layer.
@@ -62,7 +66,7 @@ NEED_1B_RAM_GB, NEED_1B_DISK_GB = 14, 12  # mergekit's ~11 GB RSS + page cache h
 @dataclass
 class Run:
     case: str
-    tool: str  # lmforge | mergekit | io_floor
+    tool: str  # lmforge | mergekit | io_floor | torch_import
     repeat: int
     wall_s: float
     cpu_s: float
@@ -252,6 +256,8 @@ def timed(case: str, tool: str, repeat: int, args, config: Path, files: list[Pat
         command = [str(args.lmforge_python), "-m", "lmforge.cli", "merge", str(config), str(out), "--overwrite"]
     elif tool == "mergekit":
         command = [str(VENV / "bin" / "mergekit-yaml"), str(config), str(out), "--random-seed", "0"]
+    elif tool == "torch_import":
+        command = [str(args.lmforge_python), "-c", "import torch"]
     else:  # the floor: read every input, write one output-sized file
         size_mb = -(-out_bytes // (1 << 20))
         script = 'cat "$@" > /dev/null && dd if=/dev/zero of="$OUT" bs=1M count="$SIZE" status=none'
@@ -313,7 +319,7 @@ def summarise(runs: list[Run], agreements: dict) -> dict:
         median = {
             tool: {k: statistics.median(getattr(r, k) for r in runs if r.case == case and r.tool == tool)
                    for k in ("wall_s", "cpu_s", "peak_rss_mb")}
-            for tool in (*TOOLS, "io_floor")
+            for tool in (*TOOLS, *BOUNDS)
         }  # fmt: skip
         ours, theirs, floor = median["lmforge"], median["mergekit"], median["io_floor"]
         ratios = {
@@ -321,6 +327,7 @@ def summarise(runs: list[Run], agreements: dict) -> dict:
             "wall_lmforge_over_io_floor": ours["wall_s"] / floor["wall_s"],
             "wall_mergekit_over_io_floor": theirs["wall_s"] / floor["wall_s"],
             "rss_lmforge_over_mergekit": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+            "torch_import_over_io_floor": median["torch_import"]["wall_s"] / floor["wall_s"],
         }
         targets = {
             f"within {TARGET_FLOOR}x of the I/O floor": ratios["wall_lmforge_over_io_floor"] <= TARGET_FLOOR,
@@ -333,7 +340,7 @@ def summarise(runs: list[Run], agreements: dict) -> dict:
 def print_table(summary: dict) -> None:
     head = (
         f"{'case':<10} {'lmforge s':>10} {'mergekit s':>11} {'I/O floor s':>12} {'lm/mk':>7} {'lm/floor':>9}"
-        f" {'mk/floor':>9} {'lm RSS MB':>10} {'mk RSS MB':>10} {'RSS lm/mk':>10}  targets"
+        f" {'mk/floor':>9} {'import/floor':>13} {'lm RSS MB':>10} {'mk RSS MB':>10} {'RSS lm/mk':>10}  targets"
     )
     print("\n" + head + "\n" + "-" * (len(head) + 12))
     for case, s in summary.items():
@@ -347,7 +354,8 @@ def print_table(summary: dict) -> None:
             f"{case:<10} {s['lmforge']['wall_s']:>10.1f} {s['mergekit']['wall_s']:>11.1f}"
             f" {s['io_floor']['wall_s']:>12.1f}"
             f" {r['wall_lmforge_over_mergekit']:>7.2f} {r['wall_lmforge_over_io_floor']:>9.2f}"
-            f" {r['wall_mergekit_over_io_floor']:>9.2f} {s['lmforge']['peak_rss_mb']:>10.0f}"
+            f" {r['wall_mergekit_over_io_floor']:>9.2f} {r['torch_import_over_io_floor']:>13.2f}"
+            f" {s['lmforge']['peak_rss_mb']:>10.0f}"
             f" {s['mergekit']['peak_rss_mb']:>10.0f} {r['rss_lmforge_over_mergekit']:>10.2f}  {met}"
         )
     print(f"\ntargets: lmforge wall <= {TARGET_FLOOR}x the I/O floor; lmforge peak RSS <= {TARGET_RSS}x mergekit's\n")
@@ -419,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case}: {len(used)} input models, {sum(f.stat().st_size for f in files) / 1e9:.2f} GB read", flush=True)
         for repeat in range(args.repeats):
             order = TOOLS if repeat % 2 == 0 else TOOLS[::-1]
-            for tool in (*order, "io_floor"):
+            for tool in (*order, *BOUNDS):
                 runs.append(timed(case, tool, repeat, args, config_path, files, work / f"{case}-{tool}", out_bytes))
         agreements[case] = agreement(case, config, work / f"{case}-lmforge", work / f"{case}-mergekit")
         print(f"  outputs agree: {agreements[case]}", flush=True)

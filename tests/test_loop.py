@@ -289,3 +289,27 @@ def test_optimizer_in_backward_refuses_what_it_cannot_honour(setting, key, tiny_
     cfg = TrainConfig(max_steps=1, batch_size=4, optimizer_in_backward=True, **setting)
     with pytest.raises(UserError, match=f"train.{key}="):
         train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path)
+
+
+def test_an_interrupt_inside_a_backward_step_keeps_the_last_whole_checkpoint(tiny_llama, rows, tmp_path):
+    """Ctrl-C while parameters are stepping in backward: saving then would mix two steps, so resume starts
+    from the last checkpoint and still gives the uninterrupted run's losses."""
+    cfg = TrainConfig(lr=5e-3, max_steps=4, batch_size=4, save_every=1, max_grad_norm=None, optimizer_in_backward=True)
+    straight = train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path / "straight")
+    model = fresh(tiny_llama)
+    last = list(model.parameters())[0]  # the embedding: its gradient is complete last, after the others stepped
+    calls = []
+
+    def interrupt_at_step_3(param):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    handle = last.register_post_accumulate_grad_hook(interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, rows, plain_loss, collate, cfg, tmp_path / "killed")
+    handle.remove()
+    state = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2  # not the half-stepped third
+    resumed = train(fresh(tiny_llama), rows, plain_loss, collate, cfg, tmp_path / "killed", resume=True)
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in straight[2:]], rel=1e-5)

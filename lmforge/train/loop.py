@@ -11,6 +11,7 @@ and a JSONL log. It runs on `accelerate.Accelerator`, so `accelerate launch` / `
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -31,6 +32,7 @@ from lmforge.train.allocator import return_freed_memory_to_os
 from lmforge.train.in_backward import StepInBackward
 from lmforge.train.tied import densify_gradients, lean_tied_embedding
 
+log = logging.getLogger("lmforge")
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 Collate = Callable[[list[dict]], dict]
 # Padded tokens per forward pass on CPU (TrainConfig.micro_batch_tokens); docs/benchmarks.md has the measurement.
@@ -287,7 +289,7 @@ def train(
                 on_log(entry)
 
     model.train()
-    started = time.perf_counter()
+    started, mid_step = time.perf_counter(), False
     scope = ExitStack()  # closed in `finally`, also when entering a context fails
     try:
         scope.enter_context(lean_tied_embedding(model))
@@ -311,7 +313,7 @@ def train(
             total_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
             if total_tokens == 0:
                 raise ValueError("a training step has no trainable tokens: check the data's loss mask")
-            step_loss = 0.0
+            step_loss, mid_step = 0.0, True  # from here to the step count, weights may be half stepped
             for batch in micro:
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 loss_sum, _ = loss_fn(model, batch)
@@ -326,7 +328,7 @@ def train(
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            state.step += 1
+            state.step, mid_step = state.step + 1, False
             loss_total = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
             elapsed = time.perf_counter() - started
             record(
@@ -351,7 +353,9 @@ def train(
             if state.step % cfg.save_every == 0 and accelerator.is_main_process:
                 save_checkpoint(checkpoint, model, optimizer, state)
     except KeyboardInterrupt:
-        if accelerator.is_main_process:
+        if mid_step and isinstance(optimizer, StepInBackward):  # some weights took this step, others not
+            log.warning("interrupted inside an optimiser step taken in backward: resume starts at the last checkpoint")
+        elif accelerator.is_main_process:
             save_checkpoint(checkpoint, model, optimizer, state)
         raise
     finally:
