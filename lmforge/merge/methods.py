@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from lmforge.merge import sparsify
+from lmforge.merge import kernels, sparsify
 
 REQUIRED = object()
 
@@ -132,6 +132,10 @@ def _combine(base, deltas, cuts, offset: int, weights: list[float], consensus: b
     into float are vectorised and comparisons into bool are not; the arithmetic, and so the bits, are those
     of bool masks (d * 1.0 and d * 0.0 as d * True and d * False; base + mixed / divisor as addcdiv).
     """
+    on_magnitudes = all(cut is None or cut.key is torch.abs for cut in cuts)
+    if consensus and on_magnitudes and kernels.fits(base, *deltas):  # the same arithmetic, one compiled pass
+        kernels.cut_elect_combine(base, deltas, cuts, offset, weights, shared["normalize"], shared["lambda"])
+        return
     flat_base, flats = base.view(-1), [d.view(-1) for d in deltas]
     n, dtype = flat_base.numel(), base.dtype
     mask, total, agree, divisor = (torch.empty(min(sparsify.BLOCK, n), dtype=dtype) for _ in range(4))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.merge import kernels
+
 L1_EPS = 1e-7  # mergekit's tolerance below which a norm is not rescaled
 
 
@@ -58,11 +60,41 @@ def _kth(values: torch.Tensor, k: int, key=_identity) -> tuple[torch.Tensor, int
     if n <= 1 << 18:
         return _whole_kth(values, k, key)
     picks = torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n))
-    sample = key(values[picks]).sort().values
+    low, high, capacity = _bracket(key(values[picks]).sort().values, k, n)
+    counted = None
+    if kernels.fits(values) and key in (_identity, torch.abs):
+        counted = kernels.count_and_gather(values, key is torch.abs, float(low), float(high), capacity)
+    below, inside, where = counted or _count_and_gather(values, key, low, high)
+    if not below < k <= below + inside.numel():  # the sample missed (or NaN keys): select on the whole tensor
+        return _whole_kth(values, k, key)
+    return _select(inside, where, below, k)
+
+
+def _bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(low, high) around the k-th of n from a sorted sample, 4 sigma of the sample rank either side, and room
+    for 4x the entries expected inside (a compiled count's budget; pages past those written are never touched)."""
     share = (k - 1) / n
     middle, margin = share * SAMPLE, int(4 * (SAMPLE * share * (1 - share)) ** 0.5) + 16
     low = sample[max(0, int(middle) - margin)]
     high = sample[min(SAMPLE - 1, int(middle) + margin)]
+    return low, high, 4 * (2 * margin + 1) * (n // SAMPLE + 1) + 1024
+
+
+def _select(inside: torch.Tensor, where: torch.Tensor | None, below: int, k: int) -> tuple:
+    """`_kth`'s answer from the bracket's keys (and their flat indices): value, below, equal, tied indices."""
+    if kernels.fits(inside) and not bool(torch.isnan(inside).any()):
+        value = kernels.kth(inside, k - below - 1)
+    else:
+        value = torch.kthvalue(inside, k - below).values
+    tied = inside == value
+    positions = where[tied] if where is not None else None
+    return value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(tied)), positions
+
+
+def _count_and_gather(values: torch.Tensor, key, low, high) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    """(keys below `low`, the keys in [low, high] with NaN, their flat indices or None past TIE_POSITIONS):
+    `_kth`'s counting pass in torch, block by block, so key(values) is never whole."""
+    n = values.numel()
     below, inside, where, gathered = 0, [], [], 0
     # buffers made once: the loop's only allocations are the small pieces it keeps (see `draw`)
     flags, other, buffer = (torch.empty(min(BLOCK, n), dtype=values.dtype) for _ in range(3))
@@ -78,13 +110,7 @@ def _kth(values: torch.Tensor, k: int, key=_identity) -> tuple[torch.Tensor, int
         gathered += found.numel()
         if gathered <= TIE_POSITIONS:
             where.append(found.add_(offset))
-    inside = torch.cat(inside)
-    if not below < k <= below + inside.numel():  # the sample missed (or NaN keys): select on the whole tensor
-        return _whole_kth(values, k, key)
-    value = torch.kthvalue(inside, k - below).values
-    tied = inside == value
-    positions = torch.cat(where)[tied] if gathered <= TIE_POSITIONS else None
-    return value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(tied)), positions
+    return below, torch.cat(inside), torch.cat(where) if gathered <= TIE_POSITIONS else None
 
 
 def _whole_kth(values: torch.Tensor, k: int, key) -> tuple[torch.Tensor, int, int, None]:
