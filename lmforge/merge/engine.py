@@ -118,8 +118,8 @@ def run(
     (a larger item runs alone) and finished in order, so the first error stops the merge.
     """
     places = plan_shards(out, [(p.name, p.dtype, p.shape) for p in plans], shard_bytes)
-    # whole-tensor cuts first, while the heap is empty: the head's, last in the plan, came after the heap had
-    # grown with merging items, and its task vector then raised the 1B TIES peak RSS by ~0.3 GB
+    # whole-tensor cuts first, while the heap is empty: the head's, last in the plan, used to allocate its task
+    # vector after merging items had grown the heap (docs/DESIGN.md, Merging)
     items = sorted(work_items(plans, method, vocabulary), key=lambda item: item.cut_of is None or bool(method.draw))
     stats, start = Stats(), time.perf_counter()
     total_bytes = sum(p.nbytes for p in places.values())
