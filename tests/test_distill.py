@@ -188,6 +188,7 @@ def _overrides(cfg):
         ("student_layers=4", "keeps every one"),
         ("student=somewhere", "not both"),
         ("signal.on_policy_fraction=2", "on_policy_fraction"),
+        ("train.optimizer_in_backward=true", r"train.max_grad_norm=1.0: set it to null"),
     ],
 )
 def test_bad_settings_are_one_line_errors(teacher, tmp_path, override, message):

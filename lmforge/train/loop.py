@@ -87,6 +87,21 @@ class TrainConfig:
     tensorboard: bool = False
     """Also write the log as TensorBoard scalars to work_dir/tensorboard (needs `pip install tensorboard`)."""
 
+    def __post_init__(self) -> None:
+        """Refuse, when the config is read (before any model loads), what optimizer_in_backward cannot honour."""
+        if not self.optimizer_in_backward:
+            return
+        refused = {
+            "max_grad_norm": (self.max_grad_norm is not None, "null (the global norm is known only after every step)"),
+            "grad_accum": (self.grad_accum != 1, "1 (each backward pass steps the weights)"),
+            "micro_batch_tokens": (bool(self.micro_batch_tokens), "0 or unset (the batch must run in one pass)"),
+        }
+        for key, (bad, fix) in refused.items():
+            if bad:
+                raise UserError(
+                    f"train.optimizer_in_backward cannot run with train.{key}={getattr(self, key)}: set it to {fix}"
+                )
+
 
 @dataclass
 class TrainState:
@@ -254,8 +269,11 @@ def train(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     params = list(_trainable(model).values())
-    if cfg.optimizer_in_backward:
-        _check_in_backward(cfg, accelerator.num_processes)
+    if cfg.optimizer_in_backward and accelerator.num_processes != 1:
+        raise UserError(
+            f"train.optimizer_in_backward runs in one process, not {accelerator.num_processes}: "
+            "launch one, or turn it off"
+        )
     optimizer = _optimizer(params, cfg)
     # The model is not wrapped in DDP: loss functions reach past forward() to the decoder's hidden states
     # (chunked losses), which DDP's wrapper would neither expose nor see. Gradients are summed across
@@ -379,22 +397,6 @@ def _optimizer(params: list[torch.Tensor], cfg: TrainConfig):
         )
 
     return StepInBackward(params, adamw) if cfg.optimizer_in_backward else adamw(params)
-
-
-def _check_in_backward(cfg: TrainConfig, processes: int) -> None:
-    """Refuse the settings a step taken inside backward cannot honour, naming the key to change."""
-    refused = {
-        "max_grad_norm": (cfg.max_grad_norm is not None, "null (the global norm is known only after every step)"),
-        "grad_accum": (cfg.grad_accum != 1, "1 (each backward pass steps the weights)"),
-        "micro_batch_tokens": (bool(cfg.micro_batch_tokens), "0 or unset (the batch must run in one pass)"),
-    }
-    for key, (bad, fix) in refused.items():
-        if bad:
-            raise UserError(
-                f"train.optimizer_in_backward cannot run with train.{key}={getattr(cfg, key)}: set it to {fix}"
-            )
-    if processes != 1:
-        raise UserError(f"train.optimizer_in_backward runs in one process, not {processes}: launch one, or turn it off")
 
 
 @contextmanager
