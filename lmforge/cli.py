@@ -37,6 +37,9 @@ def eval_command(
     task: Annotated[list[str], typer.Option("--task", "-t", help="built-in task name or .jsonl file; repeat")],
     limit: Annotated[int | None, typer.Option(help="score only the first N records per task")] = None,
     num_fewshot: Annotated[int, typer.Option("--num-fewshot", "-k", help="k-shot examples per prompt")] = 0,
+    fewshot_file: Annotated[
+        Path | None, typer.Option(help=".jsonl of k-shot examples for .jsonl tasks (default: hold k out of the task)")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="requests per forward pass")] = 8,
     out: Annotated[Path | None, typer.Option(help="output folder (default runs/eval/<model>-<time>)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
@@ -54,6 +57,7 @@ def eval_command(
         overwrite=overwrite,
         limit=limit,
         num_fewshot=num_fewshot,
+        fewshot_file=fewshot_file,
         batch_size=batch_size,
         footprint=footprint,
         dtype=dtype,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
+from lmforge import cli
 from lmforge.errors import UserError
 from lmforge.eval import scoring
 from lmforge.eval.run import evaluate, metrics_of, run_eval
@@ -163,3 +165,109 @@ def test_default_model_cannot_do_the_tasks_before_finetuning():
     for name in names:
         assert results["results"][name]["exact_match,none"] <= 0.1, name
     assert 1.0 < results["results"]["probe"]["perplexity,none"] < 100
+
+
+def words_task(tmp_path, n=8, name="words.jsonl"):
+    """n generate records whose prompts are never substrings of each other."""
+    rows = [{"prompt": f"Spell the word number {chr(65 + i)}{chr(65 + i)}.", "answer": f"w{i}x"} for i in range(n)]
+    return write_jsonl(tmp_path / name, rows), rows
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_user_task_holds_k_shots_out_of_its_own_file(tiny_llama, tmp_path):
+    """-k 2 on a user file: 2 records become every prompt's shots and are not scored; the count is reported."""
+    path, rows = words_task(tmp_path)
+    out, results = run_eval(str(tiny_llama), [str(path)], out_dir=tmp_path / "ev", num_fewshot=2, footprint=False)
+    samples = [json.loads(line) for line in (out / "samples_words.jsonl").read_text().splitlines()]
+    scored = {sample["prompt"] for sample in samples}
+    shots = [row for row in rows if row["prompt"] not in scored]
+    assert len(samples) == 6 and len(shots) == 2  # the shots never appear among the scored records
+    config = results["configs"][str(path)]
+    assert config["fewshot_held_out"] == 2 and "held out" in config["fewshot_source"]
+    assert results["n-samples"][str(path)]["effective"] == 6
+    assert results["n-shot"][str(path)] == 2
+    for sample in samples:
+        assert sample["input"].count("<|im_start|>user") == 3  # two shots and the question
+        for shot in shots:
+            assert shot["prompt"] in sample["input"] and shot["answer"] in sample["input"]
+        assert 0.0 <= results["results"][str(path)]["exact_match,none"] <= 1.0
+    again = evaluate(str(tiny_llama), [str(path)], num_fewshot=2, footprint=False)
+    assert [s["input"] for s in again["samples"][str(path)]] == [s["input"] for s in samples]  # seeded
+
+
+def test_fewshot_file_from_the_cli_scores_every_task_record(monkeypatch, capsys, tiny_llama, tmp_path):
+    path, rows = words_task(tmp_path, n=4)
+    shots_path, shots = words_task(tmp_path, n=8, name="shots.jsonl")
+    shots = shots[4:]  # prompts EE..HH: none of them is a task record
+    write_jsonl(shots_path, shots)
+    code, _, err = run_cli(
+        monkeypatch, capsys, "eval", str(tiny_llama), "--task", str(path), "-k", "2",
+        "--fewshot-file", str(shots_path), "--out", str(tmp_path / "ev"), "--no-footprint",
+    )  # fmt: skip
+    assert code == 0, err
+    samples = [json.loads(line) for line in (tmp_path / "ev" / "samples_words.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in rows]  # nothing held out
+    for sample in samples:
+        assert sum(shot["prompt"] in sample["input"] for shot in shots) == 2
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["configs"][str(path)]["fewshot_source"] == f"fewshot file {shots_path}"
+    assert results["configs"][str(path)]["fewshot_held_out"] == 0
+
+
+def test_multiple_choice_shots_show_the_right_choice(tiny, tmp_path):
+    task = write_jsonl(tmp_path / "mc.jsonl", [{"prompt": "Colour?", "choices": [" red", " blue"], "answer": 0}])
+    shots = write_jsonl(tmp_path / "mc_shots.jsonl", [{"prompt": "Sky?", "choices": [" red", " blue"], "answer": 1}])
+    results = evaluate(tiny, [str(task)], num_fewshot=1, fewshot_file=shots, footprint=False)
+    assert results["samples"][str(task)][0]["input"] == "Sky?\n blue\n\nColour?\n"
+
+
+@pytest.mark.parametrize(
+    "k, fewshot, fragments",
+    [
+        (8, None, ["words.jsonl", "-k 8", "none to score"]),
+        (3, "short", ["short.jsonl", "fewer than -k 3"]),
+        (2, "mc", ["mc.jsonl", "{prompt, choices, answer}"]),
+        (2, "missing", ["missing.jsonl", "not found"]),
+        (2, "task", ["is the task file itself"]),
+        (0, "short", ["short.jsonl", "-k is 0"]),
+    ],
+)
+def test_fewshot_mistakes_stop_in_one_line_before_the_model_loads(monkeypatch, capsys, tmp_path, k, fewshot, fragments):
+    """The model reference does not exist: the k-shot error must be the one reported, so it came first."""
+    path, _ = words_task(tmp_path)
+    write_jsonl(tmp_path / "short.jsonl", [{"prompt": "p", "answer": "a"}, {"prompt": "q", "answer": "b"}])
+    write_jsonl(tmp_path / "mc.jsonl", [{"prompt": "p", "choices": ["a", "b"], "answer": 0}] * 3)
+    args = ["eval", str(tmp_path / "no_such_model"), "--task", str(path), "-k", str(k), "--out", str(tmp_path / "o")]
+    if fewshot:
+        args += ["--fewshot-file", str(path if fewshot == "task" else tmp_path / f"{fewshot}.jsonl")]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err
+    assert "no_such_model" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fewshot_checks_pass_then_the_missing_model_is_reported(tmp_path):
+    """Control for the test above: with a valid -k the same call gets as far as loading, and fails there."""
+    path, _ = words_task(tmp_path)
+    with pytest.raises(UserError, match="no_such_model"):
+        evaluate(str(tmp_path / "no_such_model"), [str(path)], num_fewshot=2)
+
+
+def test_builtin_task_k_larger_than_its_train_split_is_refused_before_loading(tmp_path):
+    with pytest.raises(UserError, match="fewer than -k 2001"):
+        evaluate(str(tmp_path / "no_such_model"), ["dates"], num_fewshot=2001)
+    with pytest.raises(UserError, match="for .jsonl tasks"):
+        evaluate(str(tmp_path / "no_such_model"), ["dates"], num_fewshot=2, fewshot_file=tmp_path / "s.jsonl")

@@ -1,10 +1,12 @@
 """`lmforge eval`: score one model on tasks, measure its footprint, write results.json and run.json.
 
-Reads top to bottom: load the model, for each task build requests from its records (k-shot prompts from
-the task's own train split, seeded), run one of the three scoring calls, reduce to metrics with a
-standard error, then measure the footprint. `results.json` follows lm-eval's layout (results per task as
-"metric,filter" keys with "_stderr", configs, versions, n-shot, n-samples, config) so tools that read
-lm-eval output read ours; per-sample answers go to samples_<task>.jsonl.
+Reads top to bottom: resolve the tasks and their k-shot sources (a built-in task's train split, a user
+file's --fewshot-file or records held out of it), all checked before the model loads; load the model; for
+each task build requests from its records (k-shot prompts drawn seeded), run one of the three scoring
+calls, reduce to metrics with a standard error, then measure the footprint. `results.json` follows
+lm-eval's layout (results per task as "metric,filter" keys with "_stderr", configs, versions, n-shot,
+n-samples, config) so tools that read lm-eval output read ours; per-sample inputs and answers go to
+samples_<task>.jsonl.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ from lmforge.data.chat import chat_prompt
 from lmforge.errors import UserError
 from lmforge.eval import scoring
 from lmforge.eval.speed import measure_footprint
-from lmforge.eval.tasks import Task, get_task
+from lmforge.eval.tasks import FEWSHOT_SEED, Task, get_task
 from lmforge.models.load import LoadedModel, file_sha256, load_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, versions, write_json
 
 log = logging.getLogger("lmforge.eval")
-FEWSHOT_SEED = 1234  # lm-eval's default, so k-shot draws are fixed across runs and models
 # Longest perplexity window: the model's context, capped so attention stays affordable on a CPU. lm-eval uses the
 # full context; for texts longer than this pass it max_length=MAX_WINDOW to compare (docs/footguns.md).
 MAX_WINDOW = 2048
@@ -43,6 +44,7 @@ def evaluate(
     batch_size: int = 8,
     footprint: bool = True,
     dtype: str = "float32",
+    fewshot_file: str | Path | None = None,
 ) -> dict:
     """Score a model on tasks; returns an lm-eval-shaped results dict (plus "samples" and "footprint").
 
@@ -51,6 +53,8 @@ def evaluate(
         tasks: built-in task names or paths to .jsonl task files.
         limit: score only the first `limit` records of each task.
         num_fewshot: k example turns before each generate/multiple-choice prompt.
+        fewshot_file: a .jsonl of shots for the .jsonl tasks (same shape as theirs); without it a .jsonl
+            task holds k of its own records out as shots and does not score them.
         batch_size: requests per forward pass.
         footprint: also measure parameters, size, speed and memory.
     """
@@ -58,7 +62,17 @@ def evaluate(
         raise UserError("no task given: pass --task NAME (see `lmforge tasks`)")
     if num_fewshot < 0 or batch_size < 1 or (limit is not None and limit < 1):
         raise UserError("--num-fewshot must be >= 0, --batch-size and --limit >= 1")
-    resolved = [get_task(name) for name in tasks]  # unknown tasks fail before the model loads
+    if fewshot_file is not None and num_fewshot == 0:
+        raise UserError(f"fewshot file {fewshot_file} given but -k is 0: pass -k N to use N shots per prompt")
+    if fewshot_file is not None and not any(name.endswith(".jsonl") for name in tasks):
+        raise UserError(
+            f"fewshot file {fewshot_file} is for .jsonl tasks: built-in tasks take shots from their train split"
+        )
+    # Unknown tasks, bad records and too few shots all fail here, before the model loads.
+    resolved = [get_task(name, num_fewshot, fewshot_file) for name in tasks]
+    for task in resolved:
+        if task.held_out:
+            log.info("%s: %d records held out as k-shot examples, not scored", task.name, task.held_out)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
     results: dict = {"results": {}, "configs": {}, "versions": {}, "n-shot": {}, "n-samples": {}, "samples": {}}
     for task in resolved:
@@ -73,6 +87,8 @@ def evaluate(
             "output_type": _OUTPUT_TYPES[task.kind],
             "description": task.description,
             "num_fewshot": num_fewshot,
+            "fewshot_source": task.shots_from if num_fewshot and task.kind != "perplexity" else "none",
+            "fewshot_held_out": task.held_out,
             "stop": list(task.stop),
             "max_new_tokens": task.max_new_tokens,
             "seconds": round(time.perf_counter() - start, 2),
@@ -117,34 +133,34 @@ def score_task(loaded: LoadedModel, task: Task, docs: list[dict], num_fewshot: i
         )
         hits = [float(answer.strip() == doc["answer"].strip()) for answer, doc in zip(answers, docs, strict=True)]
         samples = [
-            {"prompt": doc["prompt"], "target": doc["answer"], "output": out, "exact_match": hit}
-            for doc, out, hit in zip(docs, answers, hits, strict=True)
+            {"prompt": doc["prompt"], "input": text, "target": doc["answer"], "output": out, "exact_match": hit}
+            for doc, text, out, hit in zip(docs, prompts, answers, hits, strict=True)
         ]
         return _mean_metric("exact_match", hits), samples
     return _score_multiple_choice(loaded, docs, shots, num_fewshot, rng, batch_size)
 
 
 def _fewshot_source(task: Task, num_fewshot: int) -> list[dict]:
-    if num_fewshot == 0:
-        return []
-    if task.shots is None:
-        raise UserError(f"task '{task.name}' has no train split for k-shot examples: use --num-fewshot 0")
-    return task.shots()
+    """The task's shots; get_task already checked there are at least `num_fewshot`."""
+    return task.shots() if num_fewshot and task.shots else []
 
 
 def _draw(rng: random.Random, shots: list[dict], k: int) -> list[tuple[str, str]]:
-    """k (prompt, answer) example pairs from a task's train split (only built-in tasks have one)."""
+    """k (prompt, answer text) example pairs; a multiple-choice shot shows its right choice, not its index."""
     chosen = rng.sample(shots, k) if k else []
-    return [(shot["prompt"], shot["answer"]) for shot in chosen]
+    return [
+        (shot["prompt"], shot["choices"][shot["answer"]] if "choices" in shot else shot["answer"]) for shot in chosen
+    ]
 
 
 def _score_multiple_choice(loaded, docs, shots, num_fewshot, rng, batch_size):
     """lm-eval's acc (highest log-likelihood) and acc_norm (log-likelihood per byte of the choice)."""
-    requests, owners = [], []
+    requests, owners, contexts = [], [], []
     for index, doc in enumerate(docs):
         prefix = "".join(f"{p}\n{a}\n\n" for p, a in _draw(rng, shots, num_fewshot))
+        contexts.append(f"{prefix}{doc['prompt']}\n")
         for choice in doc["choices"]:
-            requests.append((f"{prefix}{doc['prompt']}\n", choice))
+            requests.append((contexts[-1], choice))
             owners.append(index)
     scores = scoring.loglikelihood(loaded.model, loaded.tokenizer, requests, batch_size)
     acc, acc_norm, samples = [], [], []
@@ -154,7 +170,15 @@ def _score_multiple_choice(loaded, docs, shots, num_fewshot, rng, batch_size):
         pick, pick_norm = lls.index(max(lls)), normed.index(max(normed))
         acc.append(float(pick == doc["answer"]))
         acc_norm.append(float(pick_norm == doc["answer"]))
-        samples.append({"prompt": doc["prompt"], "target": doc["answer"], "loglikelihoods": lls, "pick": pick})
+        samples.append(
+            {
+                "prompt": doc["prompt"],
+                "input": contexts[index],
+                "target": doc["answer"],
+                "loglikelihoods": lls,
+                "pick": pick,
+            }
+        )
     return _mean_metric("acc", acc) | _mean_metric("acc_norm", acc_norm), samples
 
 

@@ -4,12 +4,15 @@ A task is `generate` (greedy answer, exact match), `multiple_choice` (log-likeli
 acc and acc_norm) or `perplexity` (rolling log-likelihood of texts). TASKS holds the built-in ones: one per
 synthetic generator (scored on its fixed test split, k-shot examples from its train split) and `probe`,
 the general text probe. A path to a .jsonl file is a user task; its kind comes from its keys:
-{prompt, answer} generate, {prompt, choices, answer} multiple_choice, {text} perplexity.
+{prompt, answer} generate, {prompt, choices, answer} multiple_choice, {text} perplexity. Its k-shot
+examples come from a second file of the same shape, or else k records held out of the file itself (seeded,
+and removed from the scored records, so a shot is never also a question).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,6 +22,8 @@ from lmforge.data import probe, synthetic
 from lmforge.errors import UserError
 
 KINDS = ("generate", "multiple_choice", "perplexity")
+FEWSHOT_SEED = 1234  # lm-eval's default, so k-shot draws and held-out shots are fixed across runs and models
+_SHAPES = {"generate": "{prompt, answer}", "multiple_choice": "{prompt, choices, answer}", "perplexity": "{text}"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,10 @@ class Task:
     max_new_tokens: int = 32
     version: str = "1"
     extra: dict = field(default_factory=dict)
+    shots_from: str = "train split"
+    """Where the k-shot examples come from, as reported in results.json."""
+    held_out: int = 0
+    """Records of a user file held out as shots (and so not scored)."""
 
 
 def _synthetic_task(name: str) -> Task:
@@ -60,30 +69,89 @@ TASKS: dict[str, Task] = {name: _synthetic_task(name) for name in synthetic.GENE
 }
 
 
-def get_task(name: str) -> Task:
-    """A built-in task by name, or a user task from a .jsonl file."""
+def get_task(name: str, num_fewshot: int = 0, fewshot_file: str | Path | None = None) -> Task:
+    """A built-in task by name, or a user task from a .jsonl file, checked to have `num_fewshot` shots.
+
+    A user file's shots come from `fewshot_file` (records of the same shape) or, without one, from
+    `num_fewshot` of its own records held out (seeded) and not scored. Built-in tasks use their train split.
+    Every check here runs before a model loads.
+    """
     if name in TASKS:
-        return TASKS[name]
-    if name.endswith(".jsonl"):
-        return _user_task(Path(name))
-    raise UserError(f"unknown task '{name}': use one of {', '.join(TASKS)}, or a .jsonl file of your own")
+        task = TASKS[name]
+    elif name.endswith(".jsonl"):
+        task = _user_task(Path(name), num_fewshot, Path(fewshot_file) if fewshot_file else None)
+    else:
+        raise UserError(f"unknown task '{name}': use one of {', '.join(TASKS)}, or a .jsonl file of your own")
+    if task.kind != "perplexity" and num_fewshot > 0:
+        available = len(task.shots()) if task.shots else 0
+        if available < num_fewshot:
+            raise UserError(
+                f"task '{task.name}' has {available} k-shot examples ({task.shots_from}), fewer than -k "
+                f"{num_fewshot}: lower -k"
+            )
+    return task
 
 
-def _user_task(path: Path) -> Task:
+def _user_task(path: Path, num_fewshot: int, fewshot_file: Path | None) -> Task:
+    kind, docs = _read_records(path, "task file")
+    if kind == "perplexity":  # rolling log-likelihood of whole texts takes no shots
+        return Task(name=str(path), kind=kind, description=f"user task from {path}", docs=lambda: docs)
+    shots: list[dict] = []
+    held_out = 0
+    if fewshot_file is not None:
+        if fewshot_file.resolve() == path.resolve():
+            raise UserError(
+                f"fewshot file {fewshot_file} is the task file itself: leave out --fewshot-file to hold shots out of it"
+            )
+        shot_kind, shots = _read_records(fewshot_file, "fewshot file")
+        if shot_kind != kind:
+            raise UserError(
+                f"fewshot file {fewshot_file} holds {_SHAPES[shot_kind]} records but task {path} holds "
+                f"{_SHAPES[kind]}: give shots of the task's shape"
+            )
+        shots_from = f"fewshot file {fewshot_file}"
+    elif num_fewshot > 0:
+        if num_fewshot >= len(docs):
+            raise UserError(
+                f"{path} has {len(docs)} records: -k {num_fewshot} would hold out {num_fewshot} as shots and leave "
+                "none to score: lower -k or pass --fewshot-file FILE"
+            )
+        chosen = set(random.Random(FEWSHOT_SEED).sample(range(len(docs)), num_fewshot))
+        shots = [doc for index, doc in enumerate(docs) if index in chosen]
+        docs = [doc for index, doc in enumerate(docs) if index not in chosen]
+        held_out = num_fewshot
+        shots_from = f"{num_fewshot} records held out of {path}"
+    else:
+        shots_from = "none"
+    return Task(
+        name=str(path),
+        kind=kind,
+        description=f"user task from {path}",
+        docs=lambda: docs,
+        shots=lambda: shots,
+        shots_from=shots_from,
+        held_out=held_out,
+    )
+
+
+def _read_records(path: Path, role: str) -> tuple[str, list[dict]]:
+    """The kind and records of a task-shaped .jsonl file; `role` names it in errors."""
     if not path.is_file():
-        raise UserError(f"task file not found: {path}: check the path")
+        raise UserError(f"{role} not found: {path}: check the path")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                records.append(_user_record(line, f"{path}:{number}"))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    records.append(_user_record(line, f"{path}:{number}"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason}): save the file as UTF-8") from None
     if not records:
-        raise UserError(f"{path} is empty: a task file needs one JSON record per line")
+        raise UserError(f"{path} is empty: a {role} needs one JSON record per line")
     kinds = {kind for kind, _ in records}
     if len(kinds) > 1:
         raise UserError(f"{path} mixes task kinds {sorted(kinds)}: keep one kind of record per file")
-    docs = [record for _, record in records]
-    return Task(name=str(path), kind=kinds.pop(), description=f"user task from {path}", docs=lambda: docs)
+    return kinds.pop(), [record for _, record in records]
 
 
 def _user_record(line: str, where: str) -> tuple[str, dict]:
