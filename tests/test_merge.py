@@ -1,5 +1,6 @@
 """`lmforge merge` end to end on tiny llamas: output folder, loading and generating, slices and gradients,
-block expansion, sharding and chunking, tokenizers, adapters, greedy soup, evaluation, the CLI."""
+block expansion, sharding and chunking, tokenizers, adapters, weight search, evaluation, the CLI (greedy soup:
+test_soup.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 import lmforge
 from lmforge.cli import app
 from lmforge.merge import config as merge_config
-from lmforge.merge import engine, plan, search, soup, sparsify
+from lmforge.merge import engine, plan, search, sparsify
 from lmforge.merge.run import merge
 from lmforge.models.tiny import make_tiny_llama
 
@@ -240,35 +241,6 @@ def test_model_plus_adapter_reference_merges_the_adapter(models, tmp_path, monke
     )
     assert not torch.equal(
         got["model.layers.0.self_attn.q_proj.weight"], weights(models[0])["model.layers.0.self_attn.q_proj.weight"]
-    )
-
-
-def test_greedy_soup_keeps_a_candidate_only_when_the_score_improves(models, tmp_path, monkeypatch):
-    # alone: 0.5, 0.7, 0.6; then the soup {1, 2} scores 0.75 (kept) and {1, 2, 0} 0.72 (dropped)
-    answers = iter([0.5, 0.7, 0.6, 0.75, 0.72])
-
-    def fake_score(loaded, task, limit, metric):
-        return next(answers), "exact_match"
-
-    monkeypatch.setattr(soup, "score_task", fake_score)
-    monkeypatch.setattr(
-        soup, "load_model", lambda folder: type("L", (), {"folder": folder, "model": torch.nn.Linear(1, 1)})()
-    )
-    config = {"merge_method": "greedy_soup", "models": [str(m) for m in models], "parameters": {"task": "dates"}}
-    out = merge(config, tmp_path / "soup", progress=False)
-    record = json.loads((out / "run.json").read_text())
-    assert [(r["model"], r["kept"]) for r in record["soup"]] == [
-        (str(models[1]), True),
-        (str(models[2]), True),
-        (str(models[0]), False),
-    ]
-    assert [m["model"] for m in yaml.safe_load((out / "lmforge.yaml").read_text())["models"]] == [
-        str(models[1]),
-        str(models[2]),
-    ]
-    torch.testing.assert_close(
-        weights(out)["model.norm.weight"],
-        (weights(models[1])["model.norm.weight"] + weights(models[2])["model.norm.weight"]) / 2,
     )
 
 

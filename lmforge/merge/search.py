@@ -3,7 +3,8 @@
 Task arithmetic's scaling is chosen on validation data in the paper that introduced it (Ilharco et al. 2023,
 https://arxiv.org/abs/2212.04089); mergekit leaves that search to the user (or to mergekit-evolve's
 CMA-ES). Here every combination of the given weights (one per model, from `parameters.weights`) is tried:
-base + sum_i w_i (model_i - base) is loaded into one model instance and scored by the evaluation harness on
+base + sum_i w_i (model_i - base) is loaded into one model instance (every input's tensor names and shapes
+checked against it first, as the greedy soup does) and scored by the evaluation harness on
 each held-out task. The best combination by `rule` (min: the weakest task counts, for a merge meant to do
 every task; mean: the average) becomes a mergekit `task_arithmetic` config that the streaming engine writes.
 Ties go to the earlier combination in the grid's order. Cost: one evaluation per combination.
@@ -36,10 +37,10 @@ def choose(cfg: MergeConfig, models: list[InputModel], limit_default: int = 50) 
             f"{len(experts)} models); give at most {MAX_COMBINATIONS} (fewer weights or models)"
         )
     loaded = load_model(base.folder)
-    base_weights = float_weights(base)
+    base_weights = float_weights(base, loaded.model, "weight search base")
     deltas = []
     for expert in experts:
-        weights = float_weights(expert)
+        weights = float_weights(expert, loaded.model, "weight search model")
         deltas.append({name: weights[name] - base_weights[name] for name in base_weights})
         del weights
     rows, best, best_value = [], None, None
@@ -48,7 +49,7 @@ def choose(cfg: MergeConfig, models: list[InputModel], limit_default: int = 50) 
         for weight, delta in zip(combination, deltas, strict=True):
             for name in trial:
                 trial[name].add_(delta[name], alpha=weight)
-        loaded.model.load_state_dict(trial, strict=False)
+        loaded.model.load_state_dict(trial, strict=False)  # names and shapes checked by float_weights
         del trial
         scores = {}
         for task in tasks:

@@ -3,8 +3,10 @@
 Every candidate is scored on a held-out task by the evaluation harness; then, best first, each is tried in
 the uniform average of the models kept so far and kept only if the soup's score strictly improves. The
 running sum of the kept weights stays in memory (float32) and each trial soup is loaded into one model
-instance, so the search costs one model load per candidate plus one evaluation per trial. The chosen
-soup is returned as a mergekit `linear` config that the streaming engine then writes like any merge.
+instance, so the search costs one model load per candidate plus one evaluation per trial. Every
+ingredient's tensor names and shapes are checked against that model before a trial is loaded: a name the
+model lacks would otherwise be skipped, and the trial would score the previous weights. The chosen soup is
+returned as a mergekit `linear` config that the streaming engine then writes like any merge.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lmforge.models.load import load_model
 log = logging.getLogger("lmforge.merge")
 LOWER_IS_BETTER = ("perplexity", "byte_perplexity", "bits_per_byte")
 CARRIED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
+ROLE = "greedy soup ingredient"
 
 
 def score_task(loaded, task: str, limit: int, metric: str) -> tuple[float, str]:
@@ -34,9 +37,55 @@ def score_task(loaded, task: str, limit: int, metric: str) -> tuple[float, str]:
     return results[name]["value"], name
 
 
-def float_weights(model: InputModel) -> dict[str, torch.Tensor]:
-    """Every floating-point tensor of an input model, in float32 (what a trial merge adds up)."""
-    return {name: read_rows(info).float() for name, info in model.index.items() if info.dtype.is_floating_point}
+def trial_names(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """name -> shape of the tensors a trial must supply: the model's floating-point state, less tied copies
+    (an output embedding that shares the input embedding's storage is loaded through the first name)."""
+    seen, names = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.data_ptr() not in seen:
+            names[name] = tuple(tensor.shape)
+        seen.add(tensor.data_ptr())
+    return names
+
+
+def check_fits(ingredient: InputModel, model: torch.nn.Module, role: str) -> dict[str, tuple[int, ...]]:
+    """Check that `model` can load every floating-point tensor of `ingredient`; returns trial_names(model).
+
+    Args:
+        ingredient: an input model whose weights trials add up.
+        model: the loaded model the trials are loaded into (load_state_dict copies by name).
+        role: what the ingredient is, for the error ("greedy soup ingredient", "weight search base").
+    Raises:
+        UserError naming the ingredient, the first tensor the model has no parameter for or expects in
+        another shape (with its file), or the first tensor the model needs that the ingredient lacks.
+    """
+    state, kind = model.state_dict(), type(model).__name__
+    for name, info in ingredient.index.items():
+        if not info.dtype.is_floating_point:
+            continue
+        if name not in state:
+            raise UserError(
+                f"{role} {ingredient.ref}: tensor {name} in {info.file} is not a parameter of the {kind} that "
+                "the trials load into: the checkpoint's names differ from the model's; re-save it with save_pretrained"
+            )
+        if tuple(info.shape) != tuple(state[name].shape):
+            raise UserError(
+                f"{role} {ingredient.ref}: tensor {name} in {info.file} has shape {list(info.shape)} but the "
+                f"{kind} that the trials load into expects {list(state[name].shape)}: merge models of one shape"
+            )
+    names = trial_names(model)
+    for name in names:
+        if name not in ingredient.index:
+            raise UserError(
+                f"{role} {ingredient.ref}: missing tensor {name} that {kind} needs (no safetensors file in "
+                f"{ingredient.folder} holds it): re-save the model with save_pretrained"
+            )
+    return names
+
+
+def float_weights(ingredient: InputModel, model: torch.nn.Module, role: str) -> dict[str, torch.Tensor]:
+    """The float32 tensors of `ingredient` that a trial loaded into `model` needs, checked by check_fits."""
+    return {name: read_rows(ingredient.index[name]).float() for name in check_fits(ingredient, model, role)}
 
 
 def choose(cfg: MergeConfig, models: list[InputModel], limit_default: int = 50) -> tuple[dict, list[dict]]:
@@ -52,7 +101,9 @@ def choose(cfg: MergeConfig, models: list[InputModel], limit_default: int = 50) 
     candidates = [by_ref[s.model] for s in cfg.models]
     scores = []
     for model in candidates:
-        value, metric = score_task(load_model(model.folder), task, limit, metric)
+        alone = load_model(model.folder)
+        check_fits(model, alone.model, ROLE)  # a mismatch stops before any evaluation
+        value, metric = score_task(alone, task, limit, metric)
         log.info("greedy soup: %s scores %s %.4f", model.ref, metric, value)
         scores.append(value)
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
@@ -60,10 +111,12 @@ def choose(cfg: MergeConfig, models: list[InputModel], limit_default: int = 50) 
     best = order[0]
     rows = [{"model": candidates[best].ref, "score": scores[best], "soup_score": scores[best], "kept": True}]
     loaded = load_model(candidates[best].folder)
-    total, kept, best_score = float_weights(candidates[best]), [best], scores[best]
+    total, kept, best_score = float_weights(candidates[best], loaded.model, ROLE), [best], scores[best]
     for i in order[1:]:
-        weights = float_weights(candidates[i])
+        weights = float_weights(candidates[i], loaded.model, ROLE)
         trial = {name: (total[name] + weights[name]) / (len(kept) + 1) for name in total}
+        # strict=False only for what trial_names leaves out (tied copies, integer buffers): float_weights
+        # checked that every floating-point tensor of the model is in the trial, under its own name and shape
         loaded.model.load_state_dict(trial, strict=False)
         value, _ = score_task(loaded, task, limit, metric)
         better = sign * value > sign * best_score
