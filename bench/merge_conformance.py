@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
-CONFIGS, VENV, PEER = peers.ROOT / "bench" / "merge_configs", peers.ROOT / "bench" / ".venv-mergekit", "mergekit==0.1.5"
+CONFIGS = peers.ROOT / "bench" / "merge_configs"
 CACHE = Path(tempfile.gettempdir()) / f"lmforge-merge-conformance-{os.getuid()}"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "0"}
 RTOL = 1e-6  # exact mode, relative to the tensor's largest magnitude
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         shutil.rmtree(CACHE, ignore_errors=True)
     torch.set_num_threads(1)
-    python = peers.ensure_peer_venv(VENV, PEER, "mergekit", ())
+    python = peers.ensure_mergekit()
     with tempfile.TemporaryDirectory(prefix="merge-conformance-") as workdir:
         reports = run(cases, python, Path(workdir))
     print_reports(reports)

@@ -20,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = "torch==2.13.0"  # the CPU wheel on this machine's disk; a bare torch requirement pulls a CUDA build
+# The merge benchmarks' peer: conformance and speed are measured against this release, in its own virtualenv
+# (ignored by git; `make test` builds it once for tests/test_merge_conformance.py, then reuses it).
+MERGEKIT_VENV, MERGEKIT = ROOT / "bench" / ".venv-mergekit", "mergekit==0.1.5"
 
 
 def installed_version(python: Path, distribution: str) -> str | None:
@@ -44,6 +47,11 @@ def ensure_peer_venv(venv: Path, peer: str, distribution: str, shared_pins: tupl
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in shared_pins]
     subprocess.run([*pip, peer, *pins], check=True)
     return python
+
+
+def ensure_mergekit() -> Path:
+    """mergekit 0.1.5's python in bench/.venv-mergekit, installed there first when it is not."""
+    return ensure_peer_venv(MERGEKIT_VENV, MERGEKIT, "mergekit", ())
 
 
 # Linux carries a process's RSS high-water mark across fork + exec, so a child of a benchmark script that has
@@ -91,3 +99,7 @@ def main_python() -> Path:
 
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+
+
+if __name__ == "__main__":  # `make test`: build the mergekit virtualenv once, reuse it after
+    print(f"mergekit peer: {ensure_mergekit()}")

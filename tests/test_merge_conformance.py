@@ -1,7 +1,7 @@
 """Conformance of `lmforge merge` with mergekit 0.1.5, config by config (bench/merge_conformance.py).
 
-The per-config tests need mergekit in bench/.venv-mergekit and skip without it (CI): run
-`.venv/bin/python bench/merge_conformance.py` once to install it. mergekit's outputs are cached in a temp
+The per-config tests need mergekit in bench/.venv-mergekit: `make test` builds it once (bench/peers.py) and
+reuses it. Without it they skip locally and fail under CI=true. mergekit's outputs are cached in a temp
 folder, so a rerun costs only lmforge's merges. The checker tests below run everywhere: they feed the
 comparison hand-made outputs (naive formulas from the papers) and check that it passes the right ones and
 names the tensor of the wrong ones.
@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import merge_conformance as mc  # noqa: E402
 import peers  # noqa: E402
+from needs import tool_missing  # noqa: E402
 
-MERGEKIT = mc.VENV / "bin" / "python"
+MERGEKIT = peers.MERGEKIT_VENV / "bin" / "python"
 # Configs on the 45M-parameter `wide_*` models (16.8M-element tensors) take seconds each: slow tier.
 HEAVY = {case for case in mc.config_names() if any(name.startswith("wide") for name in mc.placeholders(case))}
 FAST = [case for case in mc.config_names() if case not in HEAVY]
@@ -36,7 +37,7 @@ def pool() -> dict[str, Path]:
 def mergekit(pool):
     """case -> (mergekit's output, its float32 rerun, error) of the fast configs, merged in one mergekit process."""
     if peers.installed_version(MERGEKIT, "mergekit") != "0.1.5":
-        pytest.skip("mergekit 0.1.5 is not in bench/.venv-mergekit: run bench/merge_conformance.py to install it")
+        tool_missing("mergekit 0.1.5 is not in bench/.venv-mergekit: `make test` (or python bench/peers.py) builds it")
     return mc.mergekit_outputs(FAST, pool, MERGEKIT)
 
 
