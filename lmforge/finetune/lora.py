@@ -68,7 +68,12 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings):
 
 
 def merge_and_verify(peft_model, batches: list[dict], atol: float = 1e-3) -> torch.nn.Module:
-    """Merge the adapter into the base weights; refuse if merged logits differ from the adapter's."""
+    """Merge the adapter into the base weights; refuse if merged logits differ from the adapter's.
+
+    A merge can drift where the base weights are too coarse to hold the update (bfloat16 rounds a small
+    `B @ A` away), so the merged model is checked against the adapter on `batches`, real token positions
+    only, before anything is written.
+    """
     peft_model.eval()
     batches = [on_model_device(peft_model, b) for b in batches]
     with torch.no_grad():
@@ -81,5 +86,9 @@ def merge_and_verify(peft_model, batches: list[dict], atol: float = 1e-3) -> tor
             mask = batch["attention_mask"].bool()
             gap = (got[mask] - want[mask]).abs().max().item()
             if gap > atol:
-                raise RuntimeError(f"merged model diverges from the adapter (max logit gap {gap:.2e} > {atol})")
+                raise UserError(
+                    f"LoRA merge refused: the merged model's logits differ from the adapter's by up to {gap:.2e} "
+                    f"(tolerance {atol}), so nothing was written; train in float32, or keep the adapter unmerged "
+                    "(merge: false)"
+                )
     return merged
