@@ -2,8 +2,11 @@
 
 `lmforge merge --method ties --base B A1 A2 --density 0.5 --weight 0.5 OUT` builds the mergekit config the
 flags describe (one --weight/--density for all models, or one per model) and runs it like a file.
-mergekit's `mergekit-yaml` flags are accepted so its command lines work: --random-seed and --num-threads
-act; the others (--lazy-unpickle, --copy-tokenizer, --allow-crimes, --cuda, ...) change nothing here.
+mergekit's `mergekit-yaml` flags are accepted so its command lines run: --random-seed, --num-threads,
+--out-shard-size and --quiet act; --copy-tokenizer, --write-model-card, --safe-serialization and
+--lora-merge-dtype float32 describe what lmforge always does; a flag whose opposite would change the
+output (--no-copy-tokenizer, --trust-remote-code, ...) is refused; every other one prints one line
+saying why it changes nothing here (NO_EFFECT; mergekit's meanings are in its options.py help).
 Imports stay inside the function so `lmforge --help` does not load torch.
 """
 
@@ -16,7 +19,56 @@ import typer
 
 from lmforge.errors import UserError
 
-_NO_OP = "accepted for mergekit compatibility; no effect"
+_MERGEKIT = "mergekit flag: prints why it changes nothing here, or refuses"
+
+# mergekit flags with no lmforge counterpart (parameter name -> flag, why the merge is the same without it).
+NO_EFFECT = {
+    "lazy_unpickle": ("--lazy-unpickle", "lmforge reads safetensors only and never unpickles a checkpoint"),
+    "allow_crimes": ("--allow-crimes", "lmforge merges models of one architecture only and still refuses mixed ones"),
+    "cuda": ("--cuda", "the merge runs on the CPU (only --eval and greedy_soup/weight_search scoring use a GPU)"),
+    "low_cpu_memory": (
+        "--low-cpu-memory",
+        "nothing is kept on a GPU, and the engine already streams tensor by tensor (RAM ~ the tensors in flight)",
+    ),
+    "clone_tensors": (
+        "--clone-tensors",
+        "each output tensor is written from its own buffer, so a layer used twice is stored twice anyway",
+    ),
+    "read_to_gpu": ("--read-to-gpu", "weights are read into CPU memory, where the merge runs"),
+    "multi_gpu": ("--multi-gpu", "the merge uses no GPU; its parallelism is --num-threads worker threads"),
+    "gpu_rich": (
+        "--gpu-rich",
+        "it stands for --cuda --low-cpu-memory --read-to-gpu --multi-gpu; the merge runs on the CPU",
+    ),
+    "async_write": (
+        "--async-write",
+        "each worker thread already writes its tensor as soon as it is merged, while the others read and compute",
+    ),
+    "write_threads": ("--write-threads", "the --num-threads workers do the writing: set --num-threads"),
+    "device": ("--device", "the merge runs on the CPU"),
+    "lora_merge_cache": (
+        "--lora-merge-cache",
+        "adapters are merged once into $LMFORGE_CACHE/merged_adapters: set LMFORGE_CACHE to move that cache",
+    ),
+    "transformers_cache": (
+        "--transformers-cache",
+        "hub models download into the Hugging Face cache: set HF_HUB_CACHE (or HF_HOME) to move it",
+    ),
+    "verbose": ("-v", "lmforge already prints its progress messages; there is no more detailed merge log"),
+}
+# mergekit flags whose setting would change what lmforge writes (parameter name -> the refusal).
+REFUSED = {
+    "trust_remote_code": "--trust-remote-code: lmforge merges safetensors only and never runs model code; drop "
+    "the flag",
+    "copy_tokenizer": "--no-copy-tokenizer: lmforge always writes the output's tokenizer (evaluation and loading need "
+    "it); drop the flag",
+    "write_model_card": "--no-write-model-card: lmforge always writes README.md (the model card with the executed "
+    "config); drop the flag, or delete README.md afterwards",
+    "safe_serialization": "--no-safe-serialization: lmforge writes safetensors only, never pickled .bin files; drop "
+    "the flag",
+    "lora_merge_dtype": "--lora-merge-dtype {}: lmforge applies adapters in float32 only (dtype/out_dtype in the "
+    "config set the output's); drop the flag or pass float32",
+}
 
 
 def merge_command(
@@ -38,34 +90,35 @@ def merge_command(
     dtype: Annotated[str | None, typer.Option(help="output dtype (flag form)")] = None,
     random_seed: Annotated[int, typer.Option(help="seed of the random methods (dare, della)")] = 0,
     num_threads: Annotated[int | None, typer.Option(help="worker threads (default 2)")] = None,
-    lazy_unpickle: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    copy_tokenizer: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = True,
-    allow_crimes: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    cuda: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    low_cpu_memory: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    write_model_card: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = True,
-    safe_serialization: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = True,
-    clone_tensors: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    trust_remote_code: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    read_to_gpu: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    multi_gpu: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    gpu_rich: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    async_write: Annotated[bool, typer.Option(hidden=True, help=_NO_OP)] = False,
-    write_threads: Annotated[int, typer.Option(hidden=True, help=_NO_OP)] = 1,
-    device: Annotated[str | None, typer.Option(hidden=True, help=_NO_OP)] = None,
-    lora_merge_cache: Annotated[str | None, typer.Option(hidden=True, help=_NO_OP)] = None,
-    lora_merge_dtype: Annotated[str | None, typer.Option(hidden=True, help=_NO_OP)] = None,
-    transformers_cache: Annotated[str | None, typer.Option(hidden=True, help=_NO_OP)] = None,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, hidden=True, help=_NO_OP)] = 0,
+    lazy_unpickle: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    copy_tokenizer: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = True,
+    allow_crimes: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    cuda: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    low_cpu_memory: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    write_model_card: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = True,
+    safe_serialization: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = True,
+    clone_tensors: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    trust_remote_code: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    read_to_gpu: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    multi_gpu: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    gpu_rich: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    async_write: Annotated[bool, typer.Option(hidden=True, help=_MERGEKIT)] = False,
+    write_threads: Annotated[int | None, typer.Option(hidden=True, help=_MERGEKIT)] = None,
+    device: Annotated[str | None, typer.Option(hidden=True, help=_MERGEKIT)] = None,
+    lora_merge_cache: Annotated[str | None, typer.Option(hidden=True, help=_MERGEKIT)] = None,
+    lora_merge_dtype: Annotated[str | None, typer.Option(hidden=True, help=_MERGEKIT)] = None,
+    transformers_cache: Annotated[str | None, typer.Option(hidden=True, help=_MERGEKIT)] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, hidden=True, help=_MERGEKIT)] = 0,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Merge models: a mergekit YAML (unchanged), or --method with models as arguments."""
+    given = {name: value for name, value in locals().items() if name in NO_EFFECT or name in REFUSED}  # parameters
+    for line in mergekit_flags(given):
+        typer.echo(f"lmforge: {line}", err=True)
     from rich.console import Console
 
     from lmforge.merge.run import merge
 
-    if trust_remote_code:
-        raise UserError("--trust-remote-code: lmforge merges safetensors only and never runs model code; drop the flag")
     if method is None:
         if len(args) != 2 or not args[0].endswith((".yaml", ".yml")):
             raise UserError(
@@ -93,6 +146,24 @@ def merge_command(
     )
     if not explain:
         Console().print(f"merged model in {folder}")
+
+
+def mergekit_flags(values: dict) -> list[str]:
+    """One line per mergekit flag given that changes nothing here; a UserError for one that would change the output.
+
+    Args:
+        values: the flags' values by parameter name (defaults mean "not given").
+    """
+    if values.get("trust_remote_code"):
+        raise UserError(REFUSED["trust_remote_code"])
+    for name in ("copy_tokenizer", "write_model_card", "safe_serialization"):
+        if values.get(name) is False:
+            raise UserError(REFUSED[name])
+    dtype = values.get("lora_merge_dtype")
+    if dtype is not None and str(dtype).removeprefix("torch.") != "float32":
+        raise UserError(REFUSED["lora_merge_dtype"].format(dtype))
+    given = [name for name in NO_EFFECT if values.get(name) not in (None, False, 0)]
+    return [f"{NO_EFFECT[name][0]} has no effect: {NO_EFFECT[name][1]}" for name in given]
 
 
 def flags_config(

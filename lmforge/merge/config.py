@@ -7,7 +7,8 @@ is a scalar, a gradient (list of numbers interpolated over layers) or a list of 
 (first whose filter is a substring of the tensor name wins). Where mergekit silently ignores a mistake,
 this module stops with one line naming the key and the accepted names: unknown keys, unknown methods,
 misspelled parameters (a parameter another method knows is only warned about, so mergekit's own configs
-still run), values of the wrong type. `resolve_setting` is mergekit's `evaluate_setting` semantics.
+still run), values of the wrong type. A mergekit parameter that only tunes mergekit's memory (int8_mask)
+is accepted with a one-line note. `resolve_setting` is mergekit's `evaluate_setting` semantics.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ EXTRA_METHODS: dict[str, tuple[Param, ...]] = {
         Param("metric", str, default=""),
         Param("rule", str, default="min"),
     ),
+}
+# mergekit parameters lmforge accepts (its configs carry them) but has no use for, and why the result is the same.
+NO_EFFECT_PARAMETERS = {
+    "int8_mask": "it only saves memory in mergekit (its 0/1 sign-agreement masks stored as int8 instead of "
+    "floats); the merged values are the same either way",
 }
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 _TOP_KEYS = (
@@ -253,6 +259,8 @@ def _parameters(value: Any, key: str, params: tuple[Param, ...], where: str) -> 
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise UserError(f"{where}: unknown parameter '{key}.{name}': {hint}this method accepts: {accepted}")
         _check_setting(setting, by_name[name], f"{key}.{name}", where)
+        if name in NO_EFFECT_PARAMETERS and setting:
+            log.warning("%s: %s.%s has no effect: %s", where, key, name, NO_EFFECT_PARAMETERS[name])
         checked[name] = setting
     return checked
 
