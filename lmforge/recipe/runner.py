@@ -3,8 +3,9 @@
 Reads top to bottom: load and validate the whole recipe (nothing runs on a bad one), order the steps by
 their references, guess each step's cost, then for each step substitute the outputs it cites, write its
 config as OUTPUT/steps/NAME.yaml and call the command's API on that file. A step is skipped when it finished
-before with the same fingerprint: the hash of its resolved config and of the run.json of every run folder
-it cites (a changed upstream step changes its run.json, so everything after it reruns). The state lives in
+before with the same fingerprint: the hash of its resolved config and of the content of every file and
+folder it cites (a folder's top-level files, by name and sha256: a model folder replaced with retrained weights
+of the same shapes changes it, as a rerun upstream step does). The state lives in
 OUTPUT/recipe-state.json, written after each step, so an interrupted recipe resumes where it stopped.
 Each step runs in a child process (`python -m lmforge.recipe.runner`), so its run.json measures its own
 peak memory (the high-water mark is per process) and its log is teed to OUTPUT/steps/NAME.log.
@@ -174,15 +175,50 @@ def make_plan(
 
 
 def step_fingerprint(kind: str, config: dict, own: Path) -> str:
-    """Hash of a step's resolved config and of the run.json of every run folder the config names (but
-    its own output folder `own`)."""
+    """Hash of a step's resolved config and of the content of every existing file or folder the config
+    names (but its own output folder `own`); `BASE+ADAPTER` references count both parts."""
     inputs = {}
     for value in _strings(config):
-        record = Path(value) / "run.json"
-        if value != str(own) and record.is_file():
-            inputs[value] = hashlib.sha256(record.read_bytes()).hexdigest()
+        parts = [value] if _exists(value) or "+" not in value else value.split("+")
+        found = [Path(p) for p in parts if p != str(own) and _exists(p)]
+        if found:
+            inputs[value] = [content_digest(p) for p in found]
     text = json.dumps({"kind": kind, "config": config, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _exists(text: str) -> bool:
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # a long prompt is no file name
+        return False
+
+
+def content_digest(path: Path) -> str:
+    """sha256 over a file, or over a folder's top-level files (name and content each; subfolders such as
+    checkpoints are not inputs). Weights are hashed whole: retrained weights keep their names, shapes and
+    therefore their safetensors headers, so only the bytes tell them apart."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{_file_sha256(file)}\0".encode())
+    return digest.hexdigest()
+
+
+_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256: a folder cited by many steps is read once
+
+
+def _file_sha256(file: Path) -> str:
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        digest, buffer = hashlib.sha256(), bytearray(1 << 20)
+        view = memoryview(buffer)
+        with open(file, "rb", buffering=0) as handle:
+            while count := handle.readinto(buffer):
+                digest.update(view[:count])
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
 
 
 def _strings(value):
