@@ -59,11 +59,65 @@ def one_line(err: pytest.ExceptionInfo) -> str:
     return message
 
 
-def test_missing_folder_is_one_line():
+# (reference, could it be a hub id): one, two and three parts, with and without ./, and file-like names
+MISSING = [
+    ("sft-dates", False),
+    ("runs/sft-dates", True),
+    ("runs/sft-dates/final", False),
+    ("./sft-dates", False),
+    ("./runs/sft-dates", False),
+    ("../runs/sft-dates", False),
+    ("runs/sft-dates.safetensors", False),
+    ("runs--x/sft-dates", False),  # the hub forbids "--" and ".."
+]
+
+
+@pytest.mark.parametrize("loader", [resolve_model, load_model])
+@pytest.mark.parametrize(("ref", "hub"), MISSING)
+def test_missing_relative_path_is_named_before_any_hub_guess(monkeypatch, tmp_path, loader, ref, hub):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as err:
-        resolve_model("./no/such/model")
+        loader(ref)
     message = one_line(err)
-    assert "not found" in message and "no/such/model" in message
+    kind = "file" if ref.endswith(".safetensors") else "folder"
+    assert message.startswith(f"no {kind} {ref} here (not found in {tmp_path})")
+    assert ("if you meant the hub model" in message) == hub
+    if hub:
+        assert message.endswith(f"if you meant the hub model {ref}, unset HF_HUB_OFFLINE and it will be downloaded")
+
+
+def test_missing_absolute_path_says_only_that(tmp_path):
+    ref = str(tmp_path / "runs" / "sft-dates")
+    with pytest.raises(UserError) as err:
+        resolve_model(ref)
+    message = one_line(err)
+    assert message.startswith(f"no folder {ref} (not found): pass an existing folder")
+    assert "hub model" not in message and "HF_HUB_OFFLINE" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
+        ("runs/sft-dates", True),
+        ("a/b", True),
+        ("sft-dates", False),
+        ("runs/sft-dates/final", False),
+        ("./runs/x", False),
+        ("../runs/x", False),
+        ("/runs/x", False),
+        ("~/x", False),
+        ("runs/x.gguf", False),
+        ("runs/x.safetensors", False),
+        ("org/-name", False),
+        ("org/name.", False),
+        ("a..b/c", False),
+        ("org/" + "n" * 97, False),
+    ],
+)
+def test_hub_id_shape(text, expected):
+    assert load.could_be_hub_id(text) is expected
 
 
 def test_folder_without_config(tmp_path):
@@ -98,7 +152,8 @@ def test_hub_id_offline_names_the_setting(monkeypatch):
     with pytest.raises(UserError) as err:
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     message = one_line(err)
-    assert "HF_HUB_OFFLINE" in message and "local model folder" in message
+    assert message.startswith("no folder HuggingFaceTB/SmolLM2-135M-Instruct here")
+    assert message.endswith("unset HF_HUB_OFFLINE and it will be downloaded")
 
 
 def test_default_without_wheel_says_how_to_install(monkeypatch):

@@ -31,7 +31,7 @@ from lmforge.merge import config as merge_config
 from lmforge.merge import engine, expand, plan
 from lmforge.merge import vocab as vocab_io
 from lmforge.merge.methods import METHODS
-from lmforge.models.load import cache_dir, resolve_model
+from lmforge.models.load import adapter_base, cache_dir, resolve_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, run_record, write_json
 
@@ -191,10 +191,8 @@ def resolve_input(ref: str) -> Path:
         return _merged_adapter(resolve_model(base_ref), Path(adapter), ref)
     folder = resolve_model(ref)
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        base_ref = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base_ref:
-            raise UserError(f"{folder}/adapter_config.json names no base model: write it as BASE+{folder}")
-        return _merged_adapter(resolve_model(base_ref), folder, ref)
+        # the base is found as load_model finds it; a base that is itself an adapter is merged first
+        return _merged_adapter(resolve_input(str(adapter_base(folder))), folder, ref)
     return folder
 
 

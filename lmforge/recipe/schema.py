@@ -176,7 +176,7 @@ def _check_kind(step: Step, label: str, kinds: Mapping[str, Any]) -> None:
 def check_model_ref(ref: str, label: str) -> None:
     """A model reference must exist before the recipe starts: 'default', a .gguf file, a model folder,
     BASE+ADAPTER (merge), or a hub id (not looked up here: the step fetches it)."""
-    from lmforge.models.load import _HUB_ID, DEFAULT_REF, check_model_folder, default_gguf_path
+    from lmforge.models.load import DEFAULT_REF, check_model_folder, could_be_hub_id, default_gguf_path
 
     if "+" in ref and not Path(ref).exists():  # BASE+ADAPTER (merge): check both parts
         base, adapter = ref.rsplit("+", 1)
@@ -196,7 +196,7 @@ def check_model_ref(ref: str, label: str) -> None:
         if path.exists():
             check_model_folder(path)
             return
-        if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        if could_be_hub_id(ref):
             return
         raise UserError(f"model folder not found: {path}")
     except UserError as err:
