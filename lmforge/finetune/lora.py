@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge import config as config_io
 from lmforge.errors import UserError
 from lmforge.train.chunked import on_model_device
 
@@ -31,6 +32,13 @@ class LoraSettings:
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732)."""
     dora: bool = False
     """Weight-decomposed LoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353)."""
+
+    def __post_init__(self) -> None:
+        """Refuse shapes no adapter can have when the config is read, before any model loads."""
+        config_io.at_least(self, "r", 1)
+        config_io.above(self, "alpha", 0)
+        config_io.within(self, "dropout", 0, 1, high_open=True)
+        config_io.require(bool(self.target_modules), "target_modules", "is empty: name some modules, or all-linear")
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
