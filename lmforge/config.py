@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import json
 import re
 import textwrap
 import types
@@ -38,6 +39,8 @@ class _Loader(yaml.SafeLoader):
     """`yaml.safe_load` plus exponent floats, and duplicate keys as errors instead of last-one-wins."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # `!!set [1]`: let SafeLoader say "expected a mapping node"
+            return super().construct_mapping(node, deep=deep)
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
@@ -63,12 +66,52 @@ class _Origin:
 
     file: str
     overridden: tuple[str, ...] = ()
+    passed: tuple[str, ...] = ()
+    """Keys given as keyword arguments of a Python entry point."""
 
     def of(self, key: str) -> str:
-        for k in self.overridden:
-            if key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + "."):
-                return "override"
+        for label, keys in (("keyword argument", self.passed), ("override", self.overridden)):
+            for k in keys:
+                if key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + "."):
+                    return label
         return self.file
+
+
+class BadValue(ValueError):
+    """A field value out of its range, raised by a config dataclass's `__post_init__` (see `require`).
+
+    `field` is the name relative to the class (or a dotted path below it for a check across sections), so
+    the reader can report the full dotted key and the file or override it came from.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def require(ok: bool, field: str, problem: str) -> None:
+    """Raise `BadValue(field, problem)` unless `ok`: `require(self.r >= 1, "r", f"must be >= 1, got {self.r}")`."""
+    if not ok:
+        raise BadValue(field, problem)
+
+
+def at_least(obj: Any, name: str, low: float) -> None:
+    """Field `name` of `obj` is None or >= low."""
+    value = getattr(obj, name)
+    require(value is None or value >= low, name, f"must be >= {low}, got {value!r}")
+
+
+def above(obj: Any, name: str, low: float) -> None:
+    """Field `name` of `obj` is None or > low."""
+    value = getattr(obj, name)
+    require(value is None or value > low, name, f"must be > {low}, got {value!r}")
+
+
+def within(obj: Any, name: str, low: float, high: float, high_open: bool = False) -> None:
+    """Field `name` of `obj` is None or in [low, high] ([low, high) with `high_open`)."""
+    value = getattr(obj, name)
+    ok = value is None or (low <= value < high if high_open else low <= value <= high)
+    require(ok, name, f"must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
 
 
 def load(path: str | Path | None, cls: type[T], overrides: Sequence[str] = ()) -> T:
@@ -88,23 +131,135 @@ def load(path: str | Path | None, cls: type[T], overrides: Sequence[str] = ()) -
     if isinstance(overrides, str):
         raise TypeError("overrides must be a sequence of 'key.sub=value' strings, not one str")
     label = "config" if path is None else str(path)
-    data = {} if path is None else _read_yaml(Path(path))
+    data = {} if path is None else read_yaml(Path(path))
     _check_top(data, label)
     keys = []
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value = parse_override(text)
         _set(data, key.split("."), value)
         keys.append(key)
     return _build(data, cls, "", _Origin(label, tuple(keys)))
 
 
-def resolve(config: str | Path | T | None, cls: type[T], overrides: Sequence[str] = ()) -> T:
-    """What every command's Python entry point takes: a YAML path (or None) plus overrides, or a built config."""
-    if isinstance(config, cls):
-        if overrides:
-            raise TypeError(f"overrides apply to a YAML config; use dataclasses.replace on a {cls.__name__}")
+def resolve(
+    config: str | Path | Mapping[str, Any] | T | None,
+    cls: type[T],
+    overrides: Sequence[str] = (),
+    **settings: Any,
+) -> T:
+    """What every command's Python entry point takes, read the same way for all of them.
+
+    Args:
+        config: a YAML file, a dict of the same keys, a built `cls` instance, or None (defaults only).
+        cls: the command's frozen config dataclass.
+        overrides: "key.sub=value" strings, as on the command line, applied over `config`.
+        settings: keys as keyword arguments, applied last; a dict (or dataclass) value for a section sets
+            only the keys it names (`train={"max_steps": 2}` keeps the file's `train.lr`).
+    Returns:
+        An instance of `cls`; a `cls` instance with nothing to apply comes back as it is.
+    Raises:
+        UserError: one line naming the file, "override" or "keyword argument", the dotted key, and a fix.
+    """
+    if isinstance(config, cls) and not overrides and not settings:
         return config
-    return load(config, cls, overrides)
+    if config is not None and not isinstance(config, (str, Path, Mapping, cls)):
+        raise TypeError(f"config must be a YAML path, a dict or a {cls.__name__}, not {type(config).__name__}")
+    data, origin = _gather(config, overrides, settings)
+    return _build(data, cls, "", origin)
+
+
+def as_mapping(
+    config: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = (), **settings: Any
+) -> dict[str, Any]:
+    """`resolve`'s reading for a command whose schema is not a dataclass (merge reads mergekit YAML): the
+    YAML file or dict with `overrides` and keyword `settings` applied, as plain data."""
+    return _gather(config, overrides, settings)[0]
+
+
+def _gather(config: Any, overrides: Sequence[str], settings: Mapping[str, Any]) -> tuple[dict[str, Any], _Origin]:
+    """The data of a path, dict, dataclass or None, with overrides then settings applied, and their origins."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'key.sub=value' strings, not one str")
+    if config is None or isinstance(config, (str, Path)):
+        label = "config" if config is None else str(config)
+        data = {} if config is None else read_yaml(Path(config))
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        label, data = "config", to_dict(config)
+    elif isinstance(config, Mapping):
+        label, data = "config", dict(config)
+    else:
+        raise TypeError(f"config must be a YAML path or a dict, not {type(config).__name__}")
+    _check_top(data, label)
+    overridden = []
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(data, key.split("."), value)
+        overridden.append(key)
+    passed: list[str] = []
+    for name, value in settings.items():
+        _merge_in(data, name, value, passed)
+    return data, _Origin(label, tuple(overridden), tuple(passed))
+
+
+def _merge_in(tree: dict[str, Any], key: str, value: Any, passed: list[str], prefix: str = "") -> None:
+    """Set `tree[key]` to a keyword argument's value; a mapping merges into the section key by key.
+
+    `passed` collects the dotted keys set, so an error names them as keyword arguments.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = to_dict(value)
+    dotted = _join(prefix, key)
+    if isinstance(value, Mapping) and isinstance(tree.get(key), Mapping):
+        section = tree[key] = dict(tree[key])
+        for name, inner in value.items():
+            _merge_in(section, str(name), inner, passed, dotted)
+        return
+    tree[key] = value
+    passed.append(dotted)
+
+
+def command_line(args: Sequence[str] | None, flags: Mapping[str, tuple[str, Any]]) -> tuple[str | None, list[str]]:
+    """A verb's `[CONFIG.yaml] [key.sub=value ...]` arguments and its flags as (config path, overrides).
+
+    Args:
+        args: the positional arguments; a first one ending in .yaml/.yml is the config file.
+        flags: "--steps" -> ("train.max_steps", value) for each flag of the verb; None (or False for a
+            switch) means the flag was not given.
+    Returns:
+        The config path (or None) and the overrides, the flags' last so that they win over the file.
+    Raises:
+        UserError: a flag and an override set the same key to different values (naming both).
+    """
+    args = list(args or [])
+    config = args.pop(0) if args and args[0].endswith((".yaml", ".yml")) else None
+    given = {flag: (key, value) for flag, (key, value) in flags.items() if value is not None and value is not False}
+    for text in args:
+        key, value = parse_override(text)
+        for flag, (flag_key, flag_value) in given.items():
+            if key == flag_key or flag_key.startswith(key + "."):
+                theirs, ours = _at(value, flag_key[len(key) + 1 :]), flag_value
+            elif key.startswith(flag_key + "."):
+                theirs, ours = value, _at(flag_value, key[len(flag_key) + 1 :])
+            else:
+                continue
+            if theirs is not _ABSENT and ours is not _ABSENT and theirs != ours:
+                shown = "" if flag_value is True else f" {json.dumps(flag_value)}"
+                raise UserError(
+                    f"{flag}{shown} and override '{text}' set {flag_key} to different values: give only one of them"
+                )
+    return config, args + [f"{key}={json.dumps(value)}" for key, value in given.values()]
+
+
+_ABSENT = object()
+
+
+def _at(value: Any, dotted: str) -> Any:
+    """The part of a parsed value at a dotted path below it ('' is the value itself), or _ABSENT."""
+    for part in dotted.split(".") if dotted else ():
+        if not isinstance(value, Mapping) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
 
 
 def from_dict(data: Mapping[str, Any], cls: type[T], where: str = "config") -> T:
@@ -132,8 +287,12 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 def dump(obj: Any, path: str | Path) -> None:
     """Write `to_dict(obj)` as YAML, in field order, so `load(path, type(obj))` gives `obj` back."""
-    text = yaml.dump(to_dict(obj), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    Path(path).write_text(text, encoding="utf-8")
+    Path(path).write_text(to_yaml(to_dict(obj)), encoding="utf-8")
+
+
+def to_yaml(data: Any) -> str:
+    """Plain data as YAML text in key order, written so that `read_yaml` reads the same values back."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -169,8 +328,9 @@ def _class_docs(klass: type) -> dict[str, str]:
     return docs
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file; every failure becomes a one-line UserError naming the file (and line)."""
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -182,6 +342,8 @@ def _read_yaml(path: Path) -> Any:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         raise UserError(f"{path}: {_yaml_problem(err)}") from None
+    except _TAG_ERRORS as err:
+        raise UserError(f"{path}: {_tag_problem(err)}") from None
     return {} if data is None else data  # an empty file means "all defaults"
 
 
@@ -199,7 +361,7 @@ def _check_top(data: Any, where: str) -> None:
         raise UserError(f"{where}: the top level must be a mapping of key: value lines, got {_show(data)}")
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     """Split 'a.b=value' and parse the value as YAML, so numbers, bools, lists and null work."""
     key, sep, raw = text.partition("=")
     key = key.strip()
@@ -210,6 +372,18 @@ def _parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as err:
         what = " ".join(str(err.problem if isinstance(err, yaml.MarkedYAMLError) else err).split())
         raise UserError(f"override {text!r}: the value is not valid YAML ({what}): quote it or fix it") from None
+    except _TAG_ERRORS as err:
+        raise UserError(f"override {text!r}: {_tag_problem(err)}") from None
+
+
+# What PyYAML's tag constructors raise instead of a YAMLError for a value they cannot read: `!!int x`
+# (ValueError), `!!float ""` (IndexError), `!!bool x` (KeyError), `!!timestamp x` (AttributeError).
+_TAG_ERRORS = (ValueError, IndexError, KeyError, AttributeError, TypeError)
+
+
+def _tag_problem(err: Exception) -> str:
+    what = " ".join(f"{type(err).__name__}: {err}".split())[:120]
+    return f"a YAML tag (!!int, !!float, ...) cannot read its value ({what}): fix the value or remove the tag"
 
 
 def _set(tree: dict[str, Any], parts: list[str], value: Any) -> None:
@@ -247,7 +421,11 @@ def _build(data: Mapping[str, Any], cls: type[T], prefix: str, origin: _Origin) 
             hint = f" ({doc.splitlines()[0].rstrip('.')})" if doc else ""
             fix = f"set it in the config file or pass {key}=VALUE"
             raise UserError(f"{origin.of(key)}: missing required key '{key}'{hint}: {fix}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except BadValue as err:  # a range check in __post_init__: name the full key and where it was set
+        key = _join(prefix, err.field)
+        raise UserError(f"{origin.of(key)}: {key} {err.problem}") from None
 
 
 def _convert(value: Any, tp: Any, key: str, origin: _Origin) -> Any:
@@ -314,7 +492,9 @@ def _convert_sequence(value: Sequence[Any], kind: type, args: tuple[Any, ...], k
     """`list[X]`, `tuple[X, ...]` and fixed `tuple[X, Y]`, each item checked under `key[i]`."""
     if kind is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
         if len(value) != len(args):
-            raise UserError(f"{origin.of(key)}: key '{key}' must be a list of {len(args)} items, got {_show(value)}")
+            raise UserError(
+                f"{origin.of(key)}: key '{printable(key)}' must be a list of {len(args)} items, got {_show(value)}"
+            )
         return tuple(_convert(v, a, f"{key}[{i}]", origin) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     item_tp = args[0] if args else Any
     items = [_convert(v, item_tp, f"{key}[{i}]", origin) for i, v in enumerate(value)]
@@ -346,21 +526,27 @@ def _show(value: Any) -> str:
     return f"{text[:57] + '...' if len(text) > 60 else text} ({type(value).__name__})"
 
 
+def printable(key: str) -> str:
+    """A key as written, with line breaks and other control characters escaped so a message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)
+
+
 def _mismatch(value: Any, tp: Any, key: str, origin: _Origin) -> UserError:
-    return UserError(f"{origin.of(key)}: key '{key}' must be {_describe(tp)}, got {_show(value)}")
+    return UserError(f"{origin.of(key)}: key '{printable(key)}' must be {_describe(tp)}, got {_show(value)}")
 
 
 def _unknown(name: str, cls: type, prefix: str, origin: _Origin) -> UserError:
     """Suggest the same name in a nested section (`lr` -> `train.lr`), else a close key at the same level,
     else list the valid keys."""
-    full = _join(prefix, name)
+    raw = _join(prefix, name)
+    full = printable(raw)
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
     close = [_join(prefix, k) for k in difflib.get_close_matches(name, valid, n=1, cutoff=0.5)]
     nested = [k for k in _dotted_keys(cls, prefix) if k.rsplit(".", 1)[-1] == name]
     if close or nested:
-        return UserError(f"{origin.of(full)}: unknown key '{full}': did you mean '{(nested or close)[0]}'?")
+        return UserError(f"{origin.of(raw)}: unknown key '{full}': did you mean '{(nested or close)[0]}'?")
     under = f" under '{prefix}'" if prefix else ""
-    return UserError(f"{origin.of(full)}: unknown key '{full}': valid keys{under} are {', '.join(valid)}")
+    return UserError(f"{origin.of(raw)}: unknown key '{full}': valid keys{under} are {', '.join(valid)}")
 
 
 def _dotted_keys(cls: type, prefix: str) -> list[str]:

@@ -214,12 +214,94 @@ def test_missing_file_and_bad_arguments(tmp_path):
         config.from_dict([1], Top, where="here")
 
 
-def test_resolve_takes_a_path_none_or_a_built_config(tmp_path):
+def test_resolve_takes_a_path_a_dict_keywords_or_a_built_config(tmp_path):
     built = config.load(None, Top, ["model=m"])
     assert config.resolve(built, Top) is built
     assert config.resolve(None, Top, ["model=m"]) == built
     path = tmp_path / "c.yaml"
     config.dump(built, path)
     assert config.resolve(path, Top) == built
-    with pytest.raises(TypeError, match="dataclasses.replace"):
-        config.resolve(built, Top, ["model=x"])
+    assert config.resolve({"model": "m"}, Top) == built
+    assert config.resolve(None, Top, model="m") == built
+    # Overrides and keywords apply over any form; a keyword section sets only the keys it names.
+    assert config.resolve(built, Top, ["model=x"]).model == "x"
+    path.write_text("model: m\ntrain: {lr: 0.5, max_steps: 3}\n", encoding="utf-8")
+    got = config.resolve(path, Top, ["train.max_steps=4"], train={"schedule": "linear"})
+    assert got.train == TrainCfg(lr=0.5, max_steps=4, schedule="linear")
+    assert config.resolve(path, Top, train=TrainCfg(lr=0.25)).train == TrainCfg(lr=0.25)
+    with pytest.raises(UserError, match=r"^keyword argument: key 'train.lr' must be a float, got 'x' \(str\)$"):
+        config.resolve(path, Top, train={"lr": "x"})
+    with pytest.raises(TypeError, match="YAML path, a dict or a Top"):
+        config.resolve(3, Top)
+
+
+@dataclass(frozen=True)
+class Ranged:
+    """A config whose __post_init__ checks ranges the way the commands' configs do."""
+
+    size: int = 1
+    rate: float | None = None
+    share: float = 0.5
+
+    def __post_init__(self) -> None:
+        config.at_least(self, "size", 1)
+        config.above(self, "rate", 0)
+        config.within(self, "share", 0, 1, high_open=True)
+
+
+@dataclass(frozen=True)
+class HasRanged:
+    inner: Ranged = field(default_factory=Ranged)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["inner.size=0"], "override: inner.size must be >= 1, got 0"),
+        (["inner.rate=-1.5"], "override: inner.rate must be > 0, got -1.5"),
+        (["inner.share=1"], "override: inner.share must be in [0, 1), got 1.0"),
+    ],
+)
+def test_range_checks_name_the_full_key_and_its_origin(overrides, message):
+    with pytest.raises(UserError) as err:
+        config.load(None, HasRanged, overrides)
+    assert str(err.value) == message
+    assert config.load(None, HasRanged, ["inner.rate=null", "inner.share=0"]).inner == Ranged(share=0.0)
+
+
+def test_range_check_in_a_file_names_the_file(tmp_path):
+    path = write(tmp_path, "inner: {size: -2}\n")
+    with pytest.raises(UserError, match=rf"^{path}: inner.size must be >= 1, got -2$"):
+        config.load(path, HasRanged)
+    with pytest.raises(ValueError, match="size must be >= 1"):  # built directly, the class still refuses
+        Ranged(size=0)
+
+
+FLAGS = {"--steps": ("train.max_steps", 2), "--lr": ("train.lr", None), "--resume": ("resume", False)}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["train.max_steps=2.5"], ["c.yaml", "train={max_steps: 3}"], ["train.max_steps=null"]],
+)
+def test_a_flag_and_an_override_of_one_key_must_agree(args):
+    with pytest.raises(UserError) as err:
+        config.command_line(args, FLAGS)
+    assert str(err.value) == (
+        f"--steps 2 and override '{args[-1]}' set train.max_steps to different values: give only one of them"
+    )
+
+
+def test_command_line_splits_the_config_and_puts_flags_last():
+    config_path, overrides = config.command_line(["c.yml", "train.max_steps=2", "train.lr=0.1"], FLAGS)
+    assert config_path == "c.yml"
+    assert overrides == ["train.max_steps=2", "train.lr=0.1", "train.max_steps=2"]  # equal values agree
+    flags = {"--columns": ("data.columns", {"prompt": "q"}), "--resume": ("resume", True)}
+    assert config.command_line(["data.columns.prompt=q"], flags)[1][-2:] == [
+        'data.columns={"prompt": "q"}',
+        "resume=true",
+    ]
+    with pytest.raises(UserError, match="^--columns .* and override 'data.columns.prompt=x' set data.columns"):
+        config.command_line(["data.columns.prompt=x"], flags)
+    with pytest.raises(UserError, match="^--resume and override 'resume=false' set resume to different"):
+        config.command_line(["resume=false"], flags)
