@@ -193,7 +193,11 @@ def flags_config(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--param '{item}': write NAME=VALUE, e.g. --param normalize=false")
-        top[key.strip()] = yaml.safe_load(value)
+        name, parsed = key.strip(), yaml.safe_load(value)
+        if name in top and top[name] != parsed:
+            given = f"--{name} {top[name]}" if name == "t" and t is not None else f"another --param {name}"
+            raise UserError(f"--param '{item}' and {given} set {name} to different values: give only one of them")
+        top[name] = parsed
     config = {"merge_method": method, "models": entries}
     if base:
         config["base_model"] = base
