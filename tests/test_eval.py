@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
+import torch
 
 from lmforge import cli
 from lmforge.errors import UserError
@@ -78,11 +80,21 @@ def test_multiple_choice_equals_hand_computed_loglikelihoods(tiny, tmp_path):
     assert row["acc_norm,none"] == pytest.approx(sum(expected_norm) / 2)
 
 
-def test_probe_perplexity_is_finite_and_consistent(tiny):
-    results = evaluate(tiny, ["probe"], limit=3, footprint=False)
-    row = results["results"]["probe"]
-    assert 1.0 < row["perplexity,none"] < float("inf")
-    assert row["bits_per_byte,none"] > 0
+def test_perplexity_is_the_exp_of_the_mean_token_loss(tiny, tmp_path):
+    texts = ["The quick brown fox jumps over the lazy dog.", "Merging two models: average their weights."]
+    task = str(write_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in texts]))
+    row = evaluate(tiny, [task], footprint=False)["results"][task]
+    total, tokens = 0.0, 0
+    for text in texts:  # each text fits one window: one forward pass over it, after the BOS token
+        ids = [tiny.tokenizer.bos_token_id] + tiny.tokenizer.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(tiny.model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        total += log_probs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum().item()
+        tokens += len(ids) - 1
+    n_bytes = sum(len(t.encode()) for t in texts)
+    assert row["tokens,none"] == tokens
+    assert row["perplexity,none"] == pytest.approx(math.exp(-total / tokens), rel=1e-4)
+    assert row["bits_per_byte,none"] == pytest.approx(-total / n_bytes / math.log(2), rel=1e-4)
 
 
 def test_fewshot_prompts_hold_train_examples(tiny, monkeypatch):
