@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from lmforge import config as config_io
 from lmforge.distill.command import distill_command
 from lmforge.errors import UserError
 from lmforge.merge.command import merge_command
@@ -72,6 +74,9 @@ def finetune_command(
     model: Annotated[str | None, typer.Option(help="model reference (default: 'default')")] = None,
     task: Annotated[str | None, typer.Option(help="built-in task to train on (its train split)")] = None,
     data: Annotated[str | None, typer.Option(help="data file or folder to train on")] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="map your keys, e.g. prompt=question,completion=answer (data.columns)")
+    ] = None,
     out: Annotated[str | None, typer.Option(help="output model folder")] = None,
     method: Annotated[str | None, typer.Option(help="lora | full")] = None,
     steps: Annotated[int | None, typer.Option(help="optimiser steps")] = None,
@@ -84,16 +89,19 @@ def finetune_command(
     from lmforge.finetune.sft import finetune
 
     flags = {
-        "model": model,
-        "data.task": task,
-        "data.path": data,
-        "output": out,
-        "method": method,
-        "train.max_steps": steps,
-        "train.lr": lr,
+        "--model": ("model", model),
+        "--task": ("data.task", task),
+        "--data": ("data.path", data),
+        "--columns": ("data.columns", parse_columns(columns)),
+        "--out": ("output", out),
+        "--method": ("method", method),
+        "--steps": ("train.max_steps", steps),
+        "--lr": ("train.lr", lr),
+        "--merge": ("merge", merge),
+        "--overwrite": ("overwrite", overwrite),
+        "--resume": ("resume", resume),
     }
-    config, overrides = _config_and_overrides(args, flags, {"merge": merge, "overwrite": overwrite, "resume": resume})
-    folder = finetune(config, overrides)
+    folder = finetune(*config_io.command_line(args, flags))
     console.print(f"fine-tuned model in {folder}")
 
 
@@ -102,6 +110,9 @@ def dpo_command(
     args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key.sub=value ...]")] = None,
     model: Annotated[str | None, typer.Option(help="model reference (default: 'default')")] = None,
     data: Annotated[str | None, typer.Option(help="preference data file (prompt, chosen, rejected)")] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="map your keys, e.g. chosen=good,rejected=bad (data.columns)")
+    ] = None,
     out: Annotated[str | None, typer.Option(help="output model folder")] = None,
     method: Annotated[str | None, typer.Option(help="lora | full")] = None,
     loss: Annotated[str | None, typer.Option(help="sigmoid | ipo")] = None,
@@ -115,17 +126,19 @@ def dpo_command(
     from lmforge.finetune.dpo import dpo
 
     flags = {
-        "model": model,
-        "data.path": data,
-        "output": out,
-        "method": method,
-        "loss_type": loss,
-        "beta": beta,
-        "train.max_steps": steps,
-        "train.lr": lr,
+        "--model": ("model", model),
+        "--data": ("data.path", data),
+        "--columns": ("data.columns", parse_columns(columns)),
+        "--out": ("output", out),
+        "--method": ("method", method),
+        "--loss": ("loss_type", loss),
+        "--beta": ("beta", beta),
+        "--steps": ("train.max_steps", steps),
+        "--lr": ("train.lr", lr),
+        "--overwrite": ("overwrite", overwrite),
+        "--resume": ("resume", resume),
     }
-    config, overrides = _config_and_overrides(args, flags, {"overwrite": overwrite, "resume": resume})
-    console.print(f"preference-tuned model in {dpo(config, overrides)}")
+    console.print(f"preference-tuned model in {dpo(*config_io.command_line(args, flags))}")
 
 
 @app.command("tune")
@@ -137,22 +150,29 @@ def tune_command(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder and its study")] = False,
 ) -> None:
     """Search SFT hyperparameters (Optuna TPE, median pruning); the best trial goes to <output>/best."""
-    from lmforge.finetune.search import tune
+    from lmforge.finetune.search import TuneConfig, tune
 
-    flags = {"trials": trials, "top_k_soup": top_k_soup}
-    config, overrides = _config_and_overrides(args, flags, {"resume": resume, "overwrite": overwrite})
-    results = tune(config, overrides)
+    flags = {
+        "--trials": ("trials", trials),
+        "--top-k-soup": ("top_k_soup", top_k_soup),
+        "--resume": ("resume", resume),
+        "--overwrite": ("overwrite", overwrite),
+    }
+    config, overrides = config_io.command_line(args, flags)
+    cfg = config_io.resolve(config, TuneConfig, overrides)
+    # A failed trial's exception is raised again after Optuna logs it with its traceback: report it once.
+    logging.getLogger("optuna.study._optimize").addFilter(lambda record: not record.exc_info)
+    try:
+        results = tune(cfg)
+    except KeyboardInterrupt:
+        study = Path(cfg.study) if cfg.study else Path(cfg.output) / "study.db"
+        if not study.is_file():
+            raise
+        kept = [o for o in overrides if o.partition("=")[0] not in ("resume", "overwrite")]
+        again = shlex.join(["lmforge", "tune", *([config] if config else []), *kept, "--resume"])
+        print(f"lmforge: interrupted: the study in {study} is kept; continue it with: {again}", file=sys.stderr)
+        raise typer.Exit(130) from None
     console.print(f"best trial {results.best_trial} (val_loss {results.best_value:.4f}) in {results.best}")
-
-
-def _config_and_overrides(
-    args: list[str] | None, flags: dict[str, object], switches: dict[str, bool]
-) -> tuple[str | None, list[str]]:
-    """Split `[CONFIG.yaml] [key=value ...]` and turn set flags into key=value overrides (flags win)."""
-    args = list(args or [])
-    config = args.pop(0) if args and args[0].endswith((".yaml", ".yml")) else None
-    overrides = args + [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return config, overrides + [f"{key}=true" for key, on in switches.items() if on]
 
 
 app.command("distill")(distill_command)

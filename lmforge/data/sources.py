@@ -5,7 +5,8 @@ Reads jsonl / json / csv / parquet files and local `datasets` folders (arrow fil
 keys of the first record, or forced with `fmt`; `columns` maps the user's keys onto the canonical ones.
 Every record is checked, and a bad one is named by file, line and key. Records come out as:
 text {text} | prompt_completion {prompt, completion} | messages {messages} |
-preference {prompt, chosen, rejected}; alpaca {instruction, input, output} becomes prompt_completion.
+preference {prompt, chosen, rejected}; alpaca {instruction, input, output} and prompt_answer {prompt, answer}
+(the eval task shape) become prompt_completion.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
+    "prompt_answer": ("prompt", "answer"),  # what `lmforge data export` writes and eval reads: trained as a completion
     "text": ("text",),
 }
 _FILE_KINDS = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
@@ -107,6 +109,8 @@ def _normalise(row: dict, fmt: str, where: str) -> dict:
         if not isinstance(extra, str):
             raise UserError(f"{where}: key 'input' must be a string, got {type(extra).__name__}")
         return {"prompt": f"{prompt}\n\n{extra}" if extra else prompt, "completion": _text(row, "output", where)}
+    if fmt == "prompt_answer":
+        return {"prompt": _text(row, "prompt", where), "completion": _text(row, "answer", where)}
     return {key: _text(row, key, where) for key in FORMATS[fmt]}
 
 

@@ -1,9 +1,2 @@
-"""Distillation: teacher to smaller student through the one training loop (see run.py).
-
-The package is callable: `lmforge.distill(config, overrides)` works whether the name holds the lazy public
-function or this package (see lmforge/callable_package.py).
-"""
-
-from lmforge.callable_package import forward_calls
-
-forward_calls(__name__, "lmforge.distill.run:distill")
+"""Distillation: teacher to smaller student through the one training loop (see run.py; the public
+function is `lmforge.distill`, lmforge/__init__.py says why this file imports nothing)."""

@@ -20,6 +20,9 @@ def distill_command(
     ] = None,
     task: Annotated[str | None, typer.Option(help="built-in task to distill on (its train split)")] = None,
     data: Annotated[str | None, typer.Option(help="data file or folder to distill on")] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="map your keys, e.g. prompt=question,completion=answer (data.columns)")
+    ] = None,
     out: Annotated[str | None, typer.Option(help="output model folder")] = None,
     steps: Annotated[int | None, typer.Option(help="optimiser steps")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
@@ -27,18 +30,21 @@ def distill_command(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
     """Distil a teacher into a smaller student (built from its layers, or given); flags override the config."""
-    from lmforge.cli import _config_and_overrides, console
+    from lmforge import config as config_io
+    from lmforge.cli import console, parse_columns
     from lmforge.distill.run import distill
 
     flags = {
-        "teacher": teacher,
-        "student": student,
-        "student_layers": student_layers,
-        "data.task": task,
-        "data.path": data,
-        "output": out,
-        "train.max_steps": steps,
-        "train.lr": lr,
+        "--teacher": ("teacher", teacher),
+        "--student": ("student", student),
+        "--student-layers": ("student_layers", student_layers),
+        "--task": ("data.task", task),
+        "--data": ("data.path", data),
+        "--columns": ("data.columns", parse_columns(columns)),
+        "--out": ("output", out),
+        "--steps": ("train.max_steps", steps),
+        "--lr": ("train.lr", lr),
+        "--overwrite": ("overwrite", overwrite),
+        "--resume": ("resume", resume),
     }
-    config, overrides = _config_and_overrides(args, flags, {"overwrite": overwrite, "resume": resume})
-    console.print(f"distilled student in {distill(config, overrides)}")
+    console.print(f"distilled student in {distill(*config_io.command_line(args, flags))}")

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge import config as config_io
 from lmforge.data.chat import chat_prompt
 from lmforge.distill.signals import _read_jsonl_cache, _write_jsonl_cache, generate
 from lmforge.errors import UserError
@@ -44,6 +45,11 @@ class RationaleSettings:
     """Longest rationale the teacher writes."""
     require_correct: bool = True
     """Drop rationales whose final answer differs from the data's completion."""
+
+    def __post_init__(self) -> None:
+        """Refuse values with no meaning when the config is read, before any model loads."""
+        config_io.within(self, "alpha", 0, 1)
+        config_io.at_least(self, "max_new_tokens", 1)
 
 
 def parse(text: str) -> tuple[str, str | None]:

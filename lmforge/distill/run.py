@@ -18,10 +18,10 @@ import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -86,6 +86,19 @@ class DistillConfig:
     """Replace an existing output folder."""
     resume: bool = False
     """Continue an interrupted run from <output>.work/."""
+
+    def __post_init__(self) -> None:
+        """Refuse, when the config is read (before any model loads), values and pairings with no meaning."""
+        check_objectives(self.objectives)
+        both = "cannot go with student: give student (a model) or student_layers (teacher layers kept), not both"
+        config_io.require(self.student is None or self.student_layers is None, "student_layers", both)
+        for name in ("student_layers", "student_intermediate", "chunk_size"):
+            config_io.at_least(self, name, 1)
+        packs_generated = self.data.packing and (self.signal.kind == "on_policy" or self.rationale.enabled)
+        config_io.require(not packs_generated, "data.packing", "does not mix with on_policy signals or rationales")
+        generated = self.rationale.enabled and self.signal.kind in ("sequence", "on_policy")
+        kind = f"goes with signal.kind offline or cached, not {self.signal.kind}"
+        config_io.require(not generated, "rationale.enabled", kind)
 
 
 class Guards:
@@ -164,9 +177,20 @@ def validation(rows: list[dict], collate: Callable, loss_fn: Callable, batch_siz
     return score
 
 
-def distill(config: str | Path | DistillConfig | None = None, overrides: Sequence[str] = ()) -> Path:
-    """Python entry point: a YAML path (or a DistillConfig, or nothing) plus key.sub=value overrides."""
-    return run_distill(config_io.resolve(config, DistillConfig, overrides))
+def distill(
+    config: str | Path | Mapping[str, Any] | DistillConfig | None = None,
+    overrides: Sequence[str] = (),
+    **settings: Any,
+) -> Path:
+    """Distill a teacher into a smaller student and write the student's model folder; returns the folder.
+
+    Args:
+        config: a YAML file, a dict of the same keys, a DistillConfig, or None (defaults).
+        overrides: "key.sub=value" strings, as on the command line.
+        settings: config keys as keyword arguments, applied last, e.g. output="runs/student",
+            teacher="default", student_layers=2, data={"task": "dates"}, train={"max_steps": 2}.
+    """
+    return run_distill(config_io.resolve(config, DistillConfig, overrides, **settings))
 
 
 def _check(cfg: DistillConfig) -> None:

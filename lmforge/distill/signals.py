@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge import config as config_io
 from lmforge.data.chat import IGNORE_INDEX
 from lmforge.data.packing import collate as pad_rows
 from lmforge.distill.objectives import SparseTeacher, tail_logprob
@@ -56,6 +57,15 @@ class SignalSettings:
     """sequence: drop teacher texts whose share of repeated 4-grams exceeds this."""
     cache: str | None = None
     """cached and sequence: file to write once and reuse (default: in <output>.work/)."""
+
+    def __post_init__(self) -> None:
+        """Refuse values with no meaning when the config is read, before any model loads."""
+        config_io.within(self, "on_policy_fraction", 0, 1)
+        config_io.above(self, "temperature", 0)
+        for name in ("max_new_tokens", "top_k"):
+            config_io.at_least(self, name, 1)
+        config_io.at_least(self, "min_tokens", 0)
+        config_io.within(self, "max_repeat", 0, 1)
 
 
 def first_label(labels: Sequence[int]) -> int:

@@ -11,6 +11,7 @@ samples_<task>.jsonl.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,8 +20,12 @@ import random
 import re
 import statistics
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+from lmforge import config as config_io
 from lmforge.data.chat import chat_prompt
 from lmforge.errors import UserError
 from lmforge.eval import scoring
@@ -36,20 +41,54 @@ log = logging.getLogger("lmforge.eval")
 MAX_WINDOW = 2048
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `evaluate` takes, as a config: the same keys as its arguments."""
+
+    model: str
+    """Model reference: default, a folder, a .gguf file or a hub id."""
+    tasks: list[str]
+    """Built-in task names or .jsonl task files."""
+    limit: int | None = None
+    """Score only the first N records of each task."""
+    num_fewshot: int = 0
+    """k example turns before each prompt."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+    footprint: bool = True
+    """Measure size, speed and memory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the model is loaded in."""
+    fewshot_file: str | None = None
+    """A .jsonl of shots for the .jsonl tasks."""
+
+    def __post_init__(self) -> None:
+        config_io.require(bool(self.tasks), "tasks", "is empty: name a task (see `lmforge tasks`)")
+        config_io.at_least(self, "limit", 1)
+        config_io.at_least(self, "num_fewshot", 0)
+        config_io.at_least(self, "batch_size", 1)
+
+
 def evaluate(
-    model: str | LoadedModel,
-    tasks: list[str],
+    model: str | LoadedModel | Path | Mapping[str, Any] | EvalConfig,
+    tasks: list[str] | None = None,
     limit: int | None = None,
     num_fewshot: int = 0,
     batch_size: int = 8,
     footprint: bool = True,
     dtype: str = "float32",
     fewshot_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Score a model on tasks; returns an lm-eval-shaped results dict (plus "samples" and "footprint").
 
+    `evaluate(model, tasks, limit=50)`, or one config with these keys: `evaluate("eval.yaml")`,
+    `evaluate({"model": "default", "tasks": ["dates"]})` or an EvalConfig, with `overrides` ("limit=5") and
+    any argument given besides applied over it.
+
     Args:
-        model: a model reference (see models.load) or an already loaded model.
+        model: a model reference (see models.load) or an already loaded model; or a config (a .yaml file,
+            a dict or an EvalConfig).
         tasks: built-in task names or paths to .jsonl task files.
         limit: score only the first `limit` records of each task.
         num_fewshot: k example turns before each generate/multiple-choice prompt.
@@ -57,7 +96,20 @@ def evaluate(
             task holds k of its own records out as shots and does not score them.
         batch_size: requests per forward pass.
         footprint: also measure parameters, size, speed and memory.
+        overrides: "key=value" strings over a config.
     """
+    is_config = isinstance(model, (Mapping, EvalConfig)) or str(model).endswith((".yaml", ".yml"))
+    if is_config or (overrides and not isinstance(model, LoadedModel)):
+        given = {"model": None if is_config else str(model), "tasks": tasks, "limit": limit}
+        given |= {"num_fewshot": num_fewshot, "batch_size": batch_size, "footprint": footprint, "dtype": dtype}
+        defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)} | {"model": None, "tasks": None}
+        settings = {k: v for k, v in given.items() if v != defaults[k]}
+        if fewshot_file is not None:
+            settings["fewshot_file"] = str(fewshot_file)
+        cfg = config_io.resolve(model if is_config else None, EvalConfig, overrides, **settings)
+        return evaluate(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig)})
+    if overrides:
+        raise TypeError("overrides apply to a config (a .yaml file, a dict or an EvalConfig), not to a loaded model")
     if not tasks:
         raise UserError("no task given: pass --task NAME (see `lmforge tasks`)")
     if num_fewshot < 0 or batch_size < 1 or (limit is not None and limit < 1):

@@ -1,9 +1,2 @@
-"""Fine-tuning: SFT (full and LoRA), DPO/IPO, hyperparameter search.
-
-The package is callable: `lmforge.finetune(config, overrides)` works whether the name holds the lazy public
-function or this package (see lmforge/callable_package.py).
-"""
-
-from lmforge.callable_package import forward_calls
-
-forward_calls(__name__, "lmforge.finetune.sft:finetune")
+"""Fine-tuning: SFT (full and LoRA), DPO/IPO, hyperparameter search (the public functions are
+`lmforge.finetune`, `lmforge.dpo` and `lmforge.tune`; lmforge/__init__.py says why this file imports nothing)."""

@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,12 @@ class PreferenceData:
     limit: int | None = None
     """Use only the first N pairs."""
 
+    def __post_init__(self) -> None:
+        """Refuse values no run can use when the config is read, before any model loads."""
+        config_io.within(self, "val_fraction", 0, 1, high_open=True)
+        config_io.at_least(self, "max_length", 1)
+        config_io.at_least(self, "limit", 1)
+
 
 @dataclass(frozen=True)
 class DPOConfig:
@@ -128,6 +134,9 @@ class DPOConfig:
     """Replace an existing output folder."""
     resume: bool = False
     """Continue an interrupted run from <output>.work/."""
+
+    def __post_init__(self) -> None:
+        config_io.above(self, "beta", 0)
 
 
 def tokenize_pairs(records: list[dict], tokenizer, max_length: int) -> list[dict]:
@@ -240,9 +249,18 @@ def preference_metrics(rows: list[dict], pad_id: int, loss_fn, batch_size: int =
     return score
 
 
-def dpo(config: str | Path | DPOConfig | None = None, overrides: Sequence[str] = ()) -> Path:
-    """Python entry point: a YAML path (or a DPOConfig) plus key.sub=value overrides."""
-    return run_dpo(config_io.resolve(config, DPOConfig, overrides))
+def dpo(
+    config: str | Path | Mapping[str, Any] | DPOConfig | None = None, overrides: Sequence[str] = (), **settings: Any
+) -> Path:
+    """Preference-tune a model (DPO or IPO, LoRA or full) and write its output folder; returns the folder.
+
+    Args:
+        config: a YAML file, a dict of the same keys, a DPOConfig, or None (defaults).
+        overrides: "key.sub=value" strings, as on the command line.
+        settings: config keys as keyword arguments, applied last, e.g. output="runs/dpo",
+            data={"path": "prefs.jsonl"}, train={"max_steps": 2}.
+    """
+    return run_dpo(config_io.resolve(config, DPOConfig, overrides, **settings))
 
 
 def _check(cfg: DPOConfig) -> None:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import optuna
 import torch
@@ -100,9 +100,17 @@ def sample_overrides(trial: optuna.Trial, space: SearchSpace, lora: bool = True)
     return out
 
 
-def tune(config: str | Path | TuneConfig | None = None, overrides: Sequence[str] = ()) -> TuneResults:
-    """Python entry point: a YAML path (or a TuneConfig, or nothing) plus key.sub=value overrides."""
-    return run_tune(config_io.resolve(config, TuneConfig, overrides))
+def tune(
+    config: str | Path | Mapping[str, Any] | TuneConfig | None = None, overrides: Sequence[str] = (), **settings: Any
+) -> TuneResults:
+    """Search SFT hyperparameters and export the best trial; a config as `finetune` takes it, plus the search keys.
+
+    Args:
+        config: a YAML file, a dict of the same keys, a TuneConfig, or None (defaults).
+        overrides: "key.sub=value" strings, as on the command line.
+        settings: config keys as keyword arguments, applied last, e.g. trials=4, space={"lr": [1e-4, 1e-3]}.
+    """
+    return run_tune(config_io.resolve(config, TuneConfig, overrides, **settings))
 
 
 def run_tune(cfg: TuneConfig, console: Console | None = None) -> TuneResults:

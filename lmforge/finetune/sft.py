@@ -14,10 +14,10 @@ import copy
 import dataclasses
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -61,6 +61,12 @@ class DataSettings:
     limit: int | None = None
     """Use only the first N records."""
 
+    def __post_init__(self) -> None:
+        """Refuse values no run can use when the config is read, before any model loads."""
+        config_io.within(self, "val_fraction", 0, 1, high_open=True)
+        config_io.at_least(self, "max_length", 1)
+        config_io.at_least(self, "limit", 1)
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -74,6 +80,11 @@ class EvalSettings:
     """Also score the general text probe (forgetting)."""
     batch_size: int = 8
     """Requests per forward pass."""
+
+    def __post_init__(self) -> None:
+        """Refuse values no run can use when the config is read, before any model loads or is scored."""
+        config_io.at_least(self, "limit", 1)
+        config_io.at_least(self, "batch_size", 1)
 
 
 @dataclass(frozen=True)
@@ -151,9 +162,18 @@ def validation_loss(rows: list[dict], pad_id: int, batch_size: int = 8):
     return score
 
 
-def finetune(config: str | Path | SFTConfig | None = None, overrides: Sequence[str] = ()) -> Path:
-    """Python entry point: a YAML path (or an SFTConfig, or nothing) plus key.sub=value overrides."""
-    return run_sft(config_io.resolve(config, SFTConfig, overrides))
+def finetune(
+    config: str | Path | Mapping[str, Any] | SFTConfig | None = None, overrides: Sequence[str] = (), **settings: Any
+) -> Path:
+    """Fine-tune a model (SFT, LoRA or full) with a forgetting report and write its output folder; returns it.
+
+    Args:
+        config: a YAML file, a dict of the same keys, an SFTConfig, or None (defaults).
+        overrides: "key.sub=value" strings, as on the command line.
+        settings: config keys as keyword arguments, applied last, e.g. output="runs/sft", model="default",
+            data={"task": "dates"}, train={"max_steps": 2}.
+    """
+    return run_sft(config_io.resolve(config, SFTConfig, overrides, **settings))
 
 
 def run_sft(cfg: SFTConfig, loaded: LoadedModel | None = None, on_log: Callable[[dict], None] | None = None) -> Path:

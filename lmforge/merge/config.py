@@ -109,7 +109,7 @@ def read(config: str | Path | dict) -> MergeConfig:
     if isinstance(config, dict):
         data, where = config, "config"
     else:
-        data, where = config_io._read_yaml(Path(config)), str(config)
+        data, where = config_io.read_yaml(Path(config)), str(config)
     if not isinstance(data, dict):
         raise UserError(f"{where}: the top level must be a mapping (merge_method:, models: ...)")
     _check_keys(data, _TOP_KEYS, "", where)

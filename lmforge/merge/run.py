@@ -21,6 +21,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -51,35 +52,49 @@ _TOKENIZER_FILES = (
 
 
 def merge(
-    config: str | Path | dict,
-    out: str | Path,
+    config: str | Path | dict | None = None,
+    out: str | Path | None = None,
     *,
     overwrite: bool = False,
     explain: bool = False,
     eval_tasks: Sequence[str] = (),
     out_shard_size: str | int = "5GB",
     allow_nonfinite: bool = False,
-    **options,
+    overrides: Sequence[str] = (),
+    **options: Any,
 ) -> Path:
     """Merge models as a mergekit YAML (path or parsed dict) says, into the model folder `out`.
 
+    `merge("merge.yaml", "out")`, `merge({"merge_method": "linear", "models": [...]}, "out")`, or the
+    mergekit keys as keyword arguments: `merge(out="out", merge_method="linear", models=[...])`.
+
     Args:
-        config: mergekit configuration: a YAML file or its parsed dict.
+        config: mergekit configuration: a YAML file or its parsed dict (None: the keys come as keywords).
         out: output model folder; refused if it exists, unless `overwrite`.
         explain: print each output tensor's inputs and resolved parameters, and stop (nothing is written).
         eval_tasks: tasks to score the inputs and the output on (model card and run.json).
         out_shard_size: largest output shard, bytes or "500MB" / "5GB".
         allow_nonfinite: write tensors holding NaN/Inf instead of stopping.
+        overrides: "key.sub=value" strings over the mergekit config, as for the other commands.
         options: seed (random methods, default 0; `random_seed` is accepted too), eval_limit (records per
-            task, 50), progress (bar on the terminal), num_threads (worker threads, default 2).
+            task, 50), progress (bar on the terminal), num_threads (worker threads, default 2); any other
+            name is a mergekit key (merge_method, models, base_model, parameters, dtype, ...).
     Returns:
         The output folder (with `explain`, the folder that would have been written).
     """
+    if out is None:
+        raise TypeError("merge() needs out, the output model folder")
+    keys = {k: options.pop(k) for k in list(options) if k not in OPTIONS and k != "random_seed"}
+    unknown = sorted(set(keys) - set(merge_config._TOP_KEYS))
+    if unknown:
+        raise UserError(
+            f"unknown merge option(s) {unknown}: options are {', '.join(OPTIONS)}; mergekit keys are "
+            + ", ".join(merge_config._TOP_KEYS)
+        )
+    if config is None or overrides or keys:
+        config = config_io.as_mapping(config, overrides, **keys)
     if "random_seed" in options:
         options["seed"] = options.pop("random_seed")
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise UserError(f"unknown merge option(s) {sorted(unknown)}: accepted are {', '.join(OPTIONS)}")
     opts = OPTIONS | {k: v for k, v in options.items() if v is not None}
     meter, out = RunMeter(), Path(out)
     shard_bytes = parse_size(out_shard_size)

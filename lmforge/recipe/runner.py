@@ -22,9 +22,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -34,7 +35,7 @@ from lmforge import config as config_io
 from lmforge.errors import UserError
 from lmforge.recipe import estimate as estimates
 from lmforge.recipe.kinds import KINDS, Kind
-from lmforge.recipe.schema import Recipe, Step, dependencies, load_recipe, order, substitute, validate
+from lmforge.recipe.schema import Recipe, Step, dependencies, order, substitute, validate
 from lmforge.report.record import write_json
 
 STATE_FILE = "recipe-state.json"
@@ -56,32 +57,34 @@ class Planned:
 
 
 def run_recipe(
-    recipe: str | Path | Recipe,
+    recipe: str | Path | Mapping[str, Any] | Recipe | None = None,
     out: str | Path | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
     kinds: Mapping[str, Kind] = KINDS,
     isolate: bool = True,
     console: Console | None = None,
+    overrides: Sequence[str] = (),
+    **settings: Any,
 ) -> Path:
     """Run (or with `dry_run`, only plan) a recipe; returns its output folder.
 
     Args:
-        recipe: a recipe YAML file, or a Recipe already built.
+        recipe: a recipe YAML file, a dict of the same keys, a Recipe, or None (the keys come as `settings`).
         out: folder for every step's output (default: the recipe's `output`).
         dry_run: print the plan with time and memory estimates, run nothing.
         overwrite: rerun every step and replace outputs this recipe did not write.
         kinds: step kinds (tests add fake ones; the product uses KINDS).
         isolate: run each step in a child process (per-step peak memory); False runs them in this process.
+        overrides: "key.sub=value" strings over the recipe, as on the command line.
+        settings: recipe keys as keyword arguments (steps=[...], output=..., description=...).
     """
     console = console or Console()
-    if isinstance(recipe, Recipe):
-        recipe = recipe if out is None else dataclasses.replace(recipe, output=str(out))
-        validate(recipe, "recipe", kinds)
-        where = "recipe"
-    else:
-        where = str(recipe)
-        recipe = load_recipe(recipe, kinds, out)
+    where = str(recipe) if isinstance(recipe, (str, Path)) else "recipe"
+    recipe = config_io.resolve(recipe, Recipe, overrides, **settings)
+    if out is not None:
+        recipe = dataclasses.replace(recipe, output=str(out))
+    validate(recipe, where, kinds)
     root = Path(recipe.output).absolute()  # run records name model folders: keep them valid from any cwd
     recipe = dataclasses.replace(recipe, output=str(root))
     state = _read_state(root)

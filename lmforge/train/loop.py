@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lmforge import config as config_io
 from lmforge.errors import UserError
 from lmforge.train.allocator import return_freed_memory_to_os
 from lmforge.train.in_backward import StepInBackward
@@ -88,7 +89,15 @@ class TrainConfig:
     """Also write the log as TensorBoard scalars to work_dir/tensorboard (needs `pip install tensorboard`)."""
 
     def __post_init__(self) -> None:
-        """Refuse, when the config is read (before any model loads), what optimizer_in_backward cannot honour."""
+        """Refuse, when the config is read (before any model loads), values no run can use and what
+        optimizer_in_backward cannot honour."""
+        config_io.above(self, "lr", 0)
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
+            config_io.at_least(self, name, 1)
+        for name in ("micro_batch_tokens", "warmup_steps", "weight_decay", "eval_every"):
+            config_io.at_least(self, name, 0)
+        config_io.above(self, "max_grad_norm", 0)
+        config_io.at_least(self, "patience", 1)
         if not self.optimizer_in_backward:
             return
         refused = {
