@@ -6,7 +6,6 @@ import functools
 import json
 import logging
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,6 @@ from lmforge.distill.run import DistillConfig, run_distill
 from lmforge.errors import UserError
 from lmforge.models.load import load_model
 from lmforge.models.tiny import make_tiny_llama
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -244,12 +241,6 @@ def test_cli_bad_input_is_one_line(teacher, tmp_path, monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     code, out, _ = run_cli(monkeypatch, capsys, "distill", "--help")
     assert code == 0 and "--student-layers" in out
-
-
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("distill_*.yaml")), ids=lambda p: p.name)
-def test_example_configs_load(path):
-    cfg = config_io.load(path, DistillConfig)
-    assert cfg.output and cfg.train.lr > 0 and cfg.objectives
 
 
 def test_teacher_signal_precision_is_chosen_and_recorded(straight, teacher, tmp_path, monkeypatch):
