@@ -84,19 +84,14 @@ def test_distill_writes_a_loadable_student_and_a_side_by_side_record(straight, t
     assert sum(p.numel() for p in student.model.parameters()) == record["params_total"]
 
 
-def test_resume_after_an_interruption_gives_the_same_run(straight, teacher, tmp_path, monkeypatch):
-    def kill_at_3(max_steps):
-        def on_log(entry):
-            if entry.get("step") == 3 and "loss" in entry:
-                raise KeyboardInterrupt
-
-        return on_log
+def test_resume_after_an_interruption_gives_the_same_run(straight, teacher, tmp_path):
+    def kill_at_3(entry):
+        if entry.get("step") == 3 and "loss" in entry:
+            raise KeyboardInterrupt
 
     out = tmp_path / "killed"
-    with monkeypatch.context() as patch:
-        patch.setattr(distill_run, "_print_progress", kill_at_3)
-        with pytest.raises(KeyboardInterrupt):
-            run_distill(make_cfg(teacher, out))
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(make_cfg(teacher, out), on_log=kill_at_3)
     assert not out.exists() and (tmp_path / "killed.work" / "checkpoint").is_dir()
     resumed = run_distill(make_cfg(teacher, out, "resume=true"))
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from lmforge.data.prepare import DataSettings, tokenize
 from lmforge.distill import rationale as step_by_step
 from lmforge.distill import signals
 from lmforge.distill.objectives import Objective
@@ -15,7 +16,6 @@ from lmforge.distill.run import Guards, make_loss_fn
 from lmforge.distill.signals import SignalSettings, batch_collate
 from lmforge.distill.student import shared_vocab
 from lmforge.errors import UserError
-from lmforge.finetune.sft import DataSettings, tokenize
 from lmforge.models.load import load_model
 from lmforge.models.tiny import make_tiny_llama
 from lmforge.train.loop import TrainConfig, train

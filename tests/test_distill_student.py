@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
+from lmforge.data.prepare import DataSettings, tokenize
 from lmforge.distill import student as students
 from lmforge.distill.signals import batch_collate
 from lmforge.errors import UserError
-from lmforge.finetune.sft import DataSettings, tokenize
 from lmforge.models.load import load_model
 from lmforge.models.tiny import make_tiny_llama
 

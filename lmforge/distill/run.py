@@ -26,7 +26,8 @@ from typing import Any, Literal
 import torch
 
 from lmforge import config as config_io
-from lmforge.data.chat import IGNORE_INDEX
+from lmforge.data.chat import IGNORE_INDEX, chat_prompt
+from lmforge.data.prepare import DataSettings, tokenize, training_records
 from lmforge.data.sources import split_records
 from lmforge.distill import rationale as step_by_step
 from lmforge.distill import signals
@@ -35,16 +36,19 @@ from lmforge.distill.objectives import DenseTeacher, Objective, check_objectives
 from lmforge.distill.rationale import RationaleSettings
 from lmforge.distill.signals import SignalSettings
 from lmforge.errors import UserError
-from lmforge.eval.run import evaluate, metrics_of
+from lmforge.eval.forgetting import EvalSettings, report_tasks, score
+from lmforge.eval.run import metrics_of
 from lmforge.eval.speed import measure_footprint
 from lmforge.finetune.lora import LoraSettings, attach_lora, merge_and_verify
-from lmforge.finetune.sft import DataSettings, EvalSettings, _print_progress, load_records_for, tokenize
 from lmforge.models.load import LoadedModel, load_model
-from lmforge.outputs import staged_output
-from lmforge.report.record import RunMeter, run_record, write_json
+from lmforge.outputs import CardTable, model_card, save_model, staged_output, write_run_files
+from lmforge.report.record import RunMeter, run_record
 from lmforge.train.allocator import return_freed_memory_to_os
 from lmforge.train.chunked import on_model_device
-from lmforge.train.loop import TrainConfig, restore_best, train
+from lmforge.train.loop import TrainConfig, restore_best, tokens_seen, train
+from lmforge.train.progress import print_progress
+from lmforge.train.validation import validation
+from lmforge.train.workdir import on_interrupt, save_run_config, start_run
 
 log = logging.getLogger("lmforge.distill")
 
@@ -162,21 +166,6 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def validation(rows: list[dict], collate: Callable, loss_fn: Callable, batch_size: int = 8):
-    """An evaluate function for the loop: the distillation loss per token on the validation rows."""
-
-    def score(model) -> dict:
-        device = next(model.parameters()).device
-        total, tokens = 0.0, 0
-        for start in range(0, len(rows), batch_size):
-            batch = _to(collate(rows[start : start + batch_size]), device)
-            loss, metrics = loss_fn(model, batch)
-            total, tokens = total + loss.item(), tokens + metrics["tokens"]
-        return {"val_loss": total / max(tokens, 1)}
-
-    return score
-
-
 def distill(
     config: str | Path | Mapping[str, Any] | DistillConfig | None = None,
     overrides: Sequence[str] = (),
@@ -228,8 +217,6 @@ def _prepare_rows(cfg, teacher, tokenizer, records, work: Path, key: list) -> li
             tokenize(labels, tokenizer, cfg.data), tokenize(rationales, tokenizer, cfg.data), cfg.rationale.alpha
         )
     if cfg.signal.kind == "sequence":
-        from lmforge.data.chat import chat_prompt
-
         path = Path(cfg.signal.cache) if cfg.signal.cache else work / "sequence_targets.jsonl"
         prompts = [chat_prompt(tokenizer, r["prompt"]) for r in records]
         sequence_key = signals.fingerprint(key, cfg.signal.max_new_tokens)
@@ -294,18 +281,16 @@ def _build_student(cfg, teacher_loaded: LoadedModel, calibration: dict, work: Pa
     return model, teacher_loaded.tokenizer, vocab, baseline, description
 
 
-def run_distill(cfg: DistillConfig) -> Path:
-    """Distill, score teacher and student side by side, and write the output folder; returns its path."""
+def run_distill(cfg: DistillConfig, on_log: Callable[[dict], None] | None = None) -> Path:
+    """Distill, score teacher and student side by side, and write the output folder; returns its path.
+
+    `on_log` also receives every log record of the loop."""
     meter = RunMeter()
     _check(cfg)
-    output, work = Path(cfg.output), Path(f"{cfg.output}.work")
-    if output.exists() and not (cfg.overwrite or cfg.resume):
-        raise UserError(f"output folder {output} exists: set overwrite: true (or --overwrite), or resume: true")
-    if not cfg.resume:
-        shutil.rmtree(work, ignore_errors=True)
+    output, work = start_run(cfg)
     if cfg.train.release_memory:  # from the start: a cached-signal run frees a whole teacher before training
         return_freed_memory_to_os()
-    records = load_records_for(cfg)
+    records = training_records(cfg.data)
     if not records:
         raise UserError("the dataset is empty: check data.path / data.task and data.limit")
     train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
@@ -346,16 +331,8 @@ def run_distill(cfg: DistillConfig) -> Path:
     if init["student"]["kl"] >= random_quality["kl"]:
         log.warning("the student starts further from the teacher than a random init: try layer_rule: measured")
 
-    tasks = [t for t in [cfg.eval.task or cfg.data.task] if t] + (["probe"] if cfg.eval.probe else [])
-
-    def score(loaded: LoadedModel) -> dict | None:
-        return (
-            evaluate(loaded, tasks, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size, footprint=False)
-            if tasks
-            else None
-        )
-
-    teacher_scores = score(teacher_loaded)
+    tasks = report_tasks(cfg.eval, cfg.data.task)
+    teacher_scores = score(teacher_loaded, tasks, cfg.eval)
     teacher_footprint = _teacher_footprint(teacher_loaded)  # now: later the teacher may be gone (cached signal)
     signal_dtype = _signal_dtype(cfg.teacher_dtype, device)
     signal_name = str(signal_dtype).removeprefix("torch.")
@@ -378,29 +355,28 @@ def run_distill(cfg: DistillConfig) -> Path:
         train_collate = signals.on_policy(
             collate, model, cfg.signal, tokenizer.pad_token_id, tokenizer.eos_token_id, guards.warn
         )
-    history = train(
-        model,
-        train_rows,
-        loss_fn,
-        train_collate,
-        cfg.train,
-        work,
-        evaluate=validation(val_rows, collate, loss_fn) if val_rows else None,
-        resume=cfg.resume,
-        on_log=_print_progress(cfg.train.max_steps),
-    )
+    save_run_config(cfg, work)
+    with on_interrupt(work):
+        history = train(
+            model,
+            train_rows,
+            loss_fn,
+            train_collate,
+            cfg.train,
+            work,
+            evaluate=validation(val_rows, collate, loss_fn) if val_rows else None,
+            resume=cfg.resume,
+            on_log=print_progress(cfg.train.max_steps, on_log),
+        )
     restore_best(model, work)
     model.eval()
     final = merge_and_verify(model, [_to(collate(train_rows[:4]), device)]) if cfg.method == "lora" else model
     final = final.to("cpu")
 
     with staged_output(output, overwrite=True) as staging:
-        final.save_pretrained(staging)
-        student_tokenizer.save_pretrained(staging)
-        config_io.dump(cfg, staging / "lmforge.yaml")
-        shutil.copy(work / "log.jsonl", staging / "log.jsonl")
+        save_model(staging, final, student_tokenizer)
         student_loaded = LoadedModel(final, student_tokenizer, str(output), staging, 0.0)
-        student_scores = score(student_loaded)
+        student_scores = score(student_loaded, tasks, cfg.eval)
         footprint = {"student": measure_footprint(student_loaded), "teacher": teacher_footprint}
         record = run_record(
             "distill",
@@ -415,7 +391,7 @@ def run_distill(cfg: DistillConfig) -> Path:
                 "train_rows": len(train_rows),
             },
             config=config_io.to_dict(cfg),
-            tokens_seen=sum(h.get("input_tokens", 0) for h in history if "loss" in h),
+            tokens_seen=tokens_seen(history),
             params_total=student_params,
             params_trainable=trainable,
             size_bytes=footprint["student"]["size_bytes"],
@@ -423,8 +399,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         )
         record |= comparison(teacher_scores, student_scores, footprint)
         record |= {"init_quality": init, "guards": dict(guards.counts), "teacher_signal_dtype": signal_name}
-        write_json(staging / "run.json", record)
-        (staging / "README.md").write_text(_model_card(cfg, record), encoding="utf-8")
+        write_run_files(staging, cfg, record, _model_card(cfg, record), work / "log.jsonl")
     _print_comparison(record)
     shutil.rmtree(work, ignore_errors=True)
     return output
@@ -518,21 +493,18 @@ def _print_comparison(record: dict) -> None:
 def _model_card(cfg: DistillConfig, record: dict) -> str:
     r, f = record["ratios"], record["footprint"]
     terms = ", ".join(f"{o.weight} x {o.loss} (T={o.temperature})" for o in cfg.objectives)
-    lines = [
-        f"# {Path(cfg.output).name}",
-        "",
-        f"Distilled from `{cfg.teacher}` by lmforge ({cfg.method}, {cfg.signal.kind} signal; {terms}).",
-        "",
-        "| task | metric | teacher | student |",
-        "|---|---|---|---|",
+    sentence = f"Distilled from `{cfg.teacher}` by lmforge ({cfg.method}, {cfg.signal.kind} signal; {terms})."
+    scores = CardTable(
+        ["task", "metric", "teacher", "student"], [[t, m, f"{a:.4f}", f"{b:.4f}"] for t, m, a, b in _rows(record)]
+    )
+    sizes = [
+        ["parameters", f"{f['teacher']['params_total']:,}", f"{f['student']['params_total']:,}", str(r["params"])],
+        ["bytes", f"{f['teacher']['size_bytes']:,}", f"{f['student']['size_bytes']:,}", str(r["bytes"])],
+        [
+            "ms per token",
+            str(f["teacher"]["ms_per_token"]),
+            str(f["student"]["ms_per_token"]),
+            str(r["ms_per_token"]),
+        ],
     ]
-    lines += [f"| {t} | {m} | {a:.4f} | {b:.4f} |" for t, m, a, b in _rows(record)]
-    lines += [
-        "",
-        "| | teacher | student | ratio |",
-        "|---|---|---|---|",
-        f"| parameters | {f['teacher']['params_total']:,} | {f['student']['params_total']:,} | {r['params']} |",
-        f"| bytes | {f['teacher']['size_bytes']:,} | {f['student']['size_bytes']:,} | {r['bytes']} |",
-        f"| ms per token | {f['teacher']['ms_per_token']} | {f['student']['ms_per_token']} | {r['ms_per_token']} |",
-    ]
-    return "\n".join(lines + ["", "The full recipe is in lmforge.yaml; costs and scores in run.json."]) + "\n"
+    return model_card(Path(cfg.output).name, sentence, [scores, CardTable(["", "teacher", "student", "ratio"], sizes)])

@@ -31,7 +31,7 @@ from lmforge.data.packing import collate as pad_rows
 from lmforge.distill.objectives import SparseTeacher, tail_logprob
 from lmforge.distill.student import completion_rows
 from lmforge.errors import UserError
-from lmforge.eval.scoring import _padded
+from lmforge.eval.scoring import padded
 
 log = logging.getLogger("lmforge.distill")
 
@@ -102,7 +102,7 @@ def generate(
     out: list[tuple[list[int], bool]] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            ids, mask = _padded(prompts[start : start + batch_size], pad_id, left=True)
+            ids, mask = padded(prompts[start : start + batch_size], pad_id, left=True)
             new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)[
                 :, ids.shape[1] :
             ]

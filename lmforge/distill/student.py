@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from lmforge.data.chat import IGNORE_INDEX
 from lmforge.distill.objectives import DenseTeacher, Objective, distill_loss
 from lmforge.errors import UserError
-from lmforge.eval.scoring import _LOGIT_TRANSFORMS
+from lmforge.eval.scoring import LOGIT_TRANSFORMS
 from lmforge.train.chunked import _model_inputs, on_model_device
 
 log = logging.getLogger("lmforge.distill")
@@ -59,7 +59,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 def check_heads(*models) -> None:
     """The chunked losses project final hidden states by the output head; logit soft-capping breaks that."""
     for model in models:
-        if any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS):
+        if any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
             raise UserError(f"{type(model).__name__} transforms its logits (soft-capping/scaling): not supported yet")
 
 

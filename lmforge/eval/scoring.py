@@ -22,7 +22,8 @@ def _by_length(items: Sequence, key: Callable[[object], int], batch_size: int) -
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _padded(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows as one (rows, width) tensor padded with `pad_id` on the left or right, and its mask."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -53,7 +54,7 @@ def _score_windows(model, windows: list[tuple[list[int], list[int]]], pad_id: in
     results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
     device = next(model.parameters()).device
     for batch in _by_length(windows, lambda w: len(w[0]), batch_size):
-        ids, mask = _padded([windows[i][0] for i in batch], pad_id, left=False)
+        ids, mask = padded([windows[i][0] for i in batch], pad_id, left=False)
         with torch.no_grad():
             states, are_logits = final_hidden_states(model, ids.to(device), mask.to(device))  # (batch, seq, d)
             head = (lambda x: x) if are_logits else model.get_output_embeddings()
@@ -66,7 +67,7 @@ def _score_windows(model, windows: list[tuple[list[int], list[int]]], pad_id: in
 
 
 # Configs whose logits are more than the output projection of the final hidden state.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def final_hidden_states(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -76,7 +77,7 @@ def final_hidden_states(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[t
     projection is applied per scored slice instead. Architectures that transform logits further fall back
     to the model's own logits. Returns (states, whether they are already logits).
     """
-    if any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS):
+    if any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
         return model(input_ids=ids, attention_mask=mask).logits, True
     return model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state, False
 
@@ -163,7 +164,7 @@ def generate_until(
     stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, markers)] if markers else [])
     outputs = [""] * len(prompts)
     for batch in _by_length(encoded, len, batch_size):
-        ids, mask = _padded([encoded[i] for i in batch], pad_id, left=True)
+        ids, mask = padded([encoded[i] for i in batch], pad_id, left=True)
         with torch.no_grad():
             generated = model.generate(
                 input_ids=ids.to(device),

@@ -14,6 +14,7 @@ https://arxiv.org/abs/2310.12036, eq. 17). As TRL does, IPO uses log-probs avera
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -30,14 +31,17 @@ from lmforge import config as config_io
 from lmforge.data.chat import IGNORE_INDEX, render_example
 from lmforge.data.sources import load_records, split_records
 from lmforge.errors import UserError
-from lmforge.eval.run import evaluate, metrics_of
+from lmforge.eval.forgetting import EvalSettings, forgetting_table, print_forgetting, report_tasks, score
+from lmforge.eval.run import metrics_of
 from lmforge.finetune.lora import LoraSettings, attach_lora
-from lmforge.finetune.sft import EvalSettings, _forgetting_rows, _print_forgetting, _print_progress
 from lmforge.models.load import load_model
-from lmforge.outputs import staged_output
-from lmforge.report.record import RunMeter, run_record, write_json
+from lmforge.outputs import CardTable, model_card, save_model, staged_output, write_run_files
+from lmforge.report.record import RunMeter, run_record
 from lmforge.train.chunked import on_model_device, sequence_logprobs
-from lmforge.train.loop import TrainConfig, restore_best, train
+from lmforge.train.loop import TrainConfig, restore_best, tokens_seen, train
+from lmforge.train.progress import print_progress
+from lmforge.train.validation import validation
+from lmforge.train.workdir import on_interrupt, save_run_config, start_run
 
 log = logging.getLogger("lmforge.dpo")
 
@@ -236,17 +240,8 @@ def make_loss_fn(beta: float, loss_type: str, chunk_size: int = 1024):
 
 def preference_metrics(rows: list[dict], pad_id: int, loss_fn, batch_size: int = 8):
     """An evaluate function for the loop: pair-weighted loss, reward accuracy and margin over `rows`."""
-
-    def score(model) -> dict:
-        sums = {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0}
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                _, metrics = loss_fn(model, collate_pairs(rows[start : start + batch_size], pad_id))
-                for key in sums:
-                    sums[key] += metrics[key] * metrics["pairs"]
-        return {key: value / max(len(rows), 1) for key, value in sums.items()}
-
-    return score
+    collate = functools.partial(collate_pairs, pad_id=pad_id)
+    return validation(rows, collate, loss_fn, batch_size, "pairs", "loss", ("reward_accuracy", "reward_margin"))
 
 
 def dpo(
@@ -266,8 +261,6 @@ def dpo(
 def _check(cfg: DPOConfig) -> None:
     if cfg.beta <= 0:
         raise UserError(f"beta must be > 0, got {cfg.beta}")
-    if cfg.train.lr <= 0:
-        raise UserError(f"train.lr must be > 0, got {cfg.train.lr}")
     if not cfg.data.path:
         raise UserError("data.path is required: a preference file with prompt, chosen and rejected per record")
 
@@ -283,58 +276,53 @@ def load_pairs(data: PreferenceData) -> list[dict]:
     return records[: data.limit] if data.limit else records
 
 
-def run_dpo(cfg: DPOConfig) -> Path:
-    """Preference-tune (LoRA or full), report forgetting, and write the output folder; returns its path."""
+def run_dpo(cfg: DPOConfig, on_log: Callable[[dict], None] | None = None) -> Path:
+    """Preference-tune (LoRA or full), report forgetting, and write the output folder; returns its path.
+
+    `on_log` also receives every log record of the loop."""
     meter = RunMeter()
     _check(cfg)
-    output, work = Path(cfg.output), Path(f"{cfg.output}.work")
-    if output.exists() and not (cfg.overwrite or cfg.resume):
-        raise UserError(f"output folder {output} exists: set overwrite: true (or --overwrite), or resume: true")
+    output, work = start_run(cfg)
     records = load_pairs(cfg.data)
     train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
     loaded = load_model(cfg.model)
     tokenizer, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
     train_rows = tokenize_pairs(train_records, tokenizer, cfg.data.max_length)
     val_rows = tokenize_pairs(val_records, tokenizer, cfg.data.max_length)
-    tasks = [t for t in [cfg.eval.task] if t] + (["probe"] if cfg.eval.probe else [])
-    eval_kwargs = {"limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size, "footprint": False}
-    before = evaluate(loaded, tasks, **eval_kwargs) if tasks else None
+    tasks = report_tasks(cfg.eval)
+    before = score(loaded, tasks, cfg.eval)
 
     torch.manual_seed(cfg.train.seed)  # the adapter's random init is part of the run's recipe
     model = attach_lora(loaded.model, cfg.lora) if cfg.method == "lora" else loaded.model.requires_grad_(True)
     train_rows = add_reference_logprobs(model, train_rows, pad_id, cfg.train.batch_size)
     val_rows = add_reference_logprobs(model, val_rows, pad_id, cfg.train.batch_size)
     loss_fn = make_loss_fn(cfg.beta, cfg.loss_type)
-    if not cfg.resume:
-        shutil.rmtree(work, ignore_errors=True)
+    save_run_config(cfg, work)
     score_val = preference_metrics(val_rows, pad_id, loss_fn, cfg.eval.batch_size) if val_rows else None
-    history = train(
-        model,
-        train_rows,
-        loss_fn,
-        lambda rows: collate_pairs(rows, pad_id),
-        cfg.train,
-        work,
-        evaluate=score_val,
-        resume=cfg.resume,
-        on_log=_print_progress(cfg.train.max_steps),
-    )
+    with on_interrupt(work):
+        history = train(
+            model,
+            train_rows,
+            loss_fn,
+            lambda rows: collate_pairs(rows, pad_id),
+            cfg.train,
+            work,
+            evaluate=score_val,
+            resume=cfg.resume,
+            on_log=print_progress(cfg.train.max_steps, on_log),
+        )
     restore_best(model, work)  # keep the best validation checkpoint, not the last step
     model.eval()
     preference = {"train": preference_metrics(train_rows[:256], pad_id, loss_fn, cfg.eval.batch_size)(model)}
     if score_val:
-        with torch.no_grad():
-            preference["val"] = score_val(model)
+        preference["val"] = score_val(model)
     loaded.model = model
-    after = evaluate(loaded, tasks, **eval_kwargs) if tasks else None
-    _print_forgetting(before, after)
+    after = score(loaded, tasks, cfg.eval)
+    print_forgetting(before, after)
     method = f"dpo-{cfg.loss_type}"
 
     with staged_output(output, overwrite=True) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        config_io.dump(cfg, staging / "lmforge.yaml")
-        shutil.copy(work / "log.jsonl", staging / "log.jsonl")
+        save_model(staging, model, tokenizer)
         record = run_record(
             "finetune",
             method,
@@ -342,32 +330,23 @@ def run_dpo(cfg: DPOConfig) -> Path:
             inputs={"model": {"ref": cfg.model, "folder": str(loaded.folder)}},
             data={"path": cfg.data.path, "train_records": len(train_records), "val_records": len(val_records)},
             config=config_io.to_dict(cfg),
-            tokens_seen=sum(h.get("input_tokens", 0) for h in history if "loss" in h),
+            tokens_seen=tokens_seen(history),
             params_total=sum(p.numel() for p in model.parameters()),
             params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
             metrics=metrics_of(after) if after else {},
         )
         record["base_metrics"] = metrics_of(before) if before else {}
         record["preference"] = preference
-        write_json(staging / "run.json", record)
-        (staging / "README.md").write_text(_model_card(cfg, preference, before, after), encoding="utf-8")
+        write_run_files(staging, cfg, record, _model_card(cfg, preference, before, after), work / "log.jsonl")
     shutil.rmtree(work, ignore_errors=True)
     return output
 
 
 def _model_card(cfg: DPOConfig, preference: dict, before: dict | None, after: dict | None) -> str:
-    lines = [
-        f"# {Path(cfg.output).name}",
-        "",
-        f"Preference-tuned from `{cfg.model}` by lmforge ({cfg.method}, {cfg.loss_type} loss, beta {cfg.beta}).",
-        "",
-        "| pairs | loss | reward accuracy | reward margin |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {split} | {m['loss']:.4f} | {m['reward_accuracy']:.3f} | {m['reward_margin']:+.4f} |"
+    sentence = f"Preference-tuned from `{cfg.model}` by lmforge ({cfg.method}, {cfg.loss_type} loss, beta {cfg.beta})."
+    pairs = [
+        [split, f"{m['loss']:.4f}", f"{m['reward_accuracy']:.3f}", f"{m['reward_margin']:+.4f}"]
         for split, m in preference.items()
     ]
-    lines += ["", "| task | metric | base | tuned | delta |", "|---|---|---|---|---|"]
-    lines += [f"| {t} | {m} | {b:.4f} | {r:.4f} | {r - b:+.4f} |" for t, m, b, r in _forgetting_rows(before, after)]
-    return "\n".join(lines + ["", "The full recipe is in lmforge.yaml; costs and scores in run.json."]) + "\n"
+    table = CardTable(["pairs", "loss", "reward accuracy", "reward margin"], pairs)
+    return model_card(Path(cfg.output).name, sentence, [table, forgetting_table(before, after, "tuned")])

@@ -187,7 +187,8 @@ def run_tune(cfg: TuneConfig, console: Console | None = None) -> TuneResults:
 
 def _soup(cfg: TuneConfig, complete: list, output: Path, loaded, console: Console) -> tuple[Path, float]:
     """Average the top-k trials' weights with the merge engine and score the soup on the validation split."""
-    from lmforge.finetune.sft import load_records_for, tokenize, validation_loss
+    from lmforge.data.prepare import tokenize, training_records
+    from lmforge.finetune.sft import validation_loss
     from lmforge.merge.run import merge
 
     top = sorted(complete, key=lambda t: t.value)[: cfg.top_k_soup]
@@ -201,7 +202,7 @@ def _soup(cfg: TuneConfig, complete: list, output: Path, loaded, console: Consol
         "models": [{"model": r, "parameters": {"weight": 1.0}} for r in refs],
     }
     soup = merge(recipe, output / "soup", overwrite=True, progress=False)
-    _, val_records = split_records(load_records_for(cfg), cfg.data.val_fraction, cfg.train.seed)
+    _, val_records = split_records(training_records(cfg.data), cfg.data.val_fraction, cfg.train.seed)
     souped = load_model(soup)
     rows = tokenize(val_records, souped.tokenizer, cfg.data)
     with torch.no_grad():

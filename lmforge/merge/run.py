@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from lmforge import config as config_io
 from lmforge.errors import UserError
@@ -33,8 +32,8 @@ from lmforge.merge import engine, expand, plan
 from lmforge.merge import vocab as vocab_io
 from lmforge.merge.methods import METHODS
 from lmforge.models.load import adapter_base, cache_dir, resolve_model
-from lmforge.outputs import staged_output
-from lmforge.report.record import RunMeter, run_record, write_json
+from lmforge.outputs import CardTable, model_card, staged_output, write_run_files
+from lmforge.report.record import RunMeter, run_record
 
 log = logging.getLogger("lmforge.merge")
 OPTIONS = {"seed": 0, "eval_limit": 50, "progress": True, "num_threads": None}
@@ -135,8 +134,6 @@ def merge(
             )
             _write_config(staging, models[output.donor], executed, output, vocabulary)
             _write_tokenizer(staging, models[output.donor], vocabulary, template)
-            text = yaml.dump(executed.raw, Dumper=config_io._Dumper, sort_keys=False)
-            (staging / "lmforge.yaml").write_text(text, encoding="utf-8")
             scores, input_scores = (
                 _evaluate(staging, models, list(eval_tasks), opts["eval_limit"]) if eval_tasks else ({}, {})
             )
@@ -157,9 +154,8 @@ def merge(
             record["merge_stats"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(stats).items()}
             if soup_log is not None:
                 record["search" if cfg.merge_method == "weight_search" else "soup"] = soup_log
-            write_json(staging / "run.json", record)
             card = _model_card(out, cfg, executed.raw, models, scores, input_scores, soup_log)
-            (staging / "README.md").write_text(card, encoding="utf-8")
+            write_run_files(staging, executed.raw, record, card)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -341,32 +337,26 @@ def _evaluate(staging: Path, models, tasks: list[str], limit: int) -> tuple[dict
 def _model_card(out: Path, cfg, resolved: dict, models, scores: dict, input_scores: dict, soup_log) -> str:
     method = cfg.merge_method
     reference = METHODS[method].reference if method in METHODS else ""
-    lines = [
-        f"# {out.name}",
-        "",
-        f"Merged by lmforge with `{method}`" + (f" ({reference})" if reference else "") + " from:",
-        "",
-    ]
-    lines += [f"- `{m.ref}`" for m in models]
+    sentence = f"Merged by lmforge with `{method}`" + (f" ({reference})" if reference else "") + " from:"
+    sections: list = [[f"- `{m.ref}`" for m in models]]
     if soup_log and method == "weight_search":
         from lmforge.merge import search
 
-        lines += search.card_lines(soup_log)
+        sections.append(search.card_lines(soup_log))
     elif soup_log:
-        lines += ["", "Greedy soup (candidates best first; kept only when the soup improved):", ""]
-        lines += ["| model | alone | soup with it | kept |", "|---|---|---|---|"]
-        lines += [
-            f"| {r['model']} | {r['score']:.4f} | {r['soup_score']:.4f} | {'yes' if r['kept'] else 'no'} |"
-            for r in soup_log
+        rows = [
+            [r["model"], f"{r['score']:.4f}", f"{r['soup_score']:.4f}", "yes" if r["kept"] else "no"] for r in soup_log
         ]
+        caption = "Greedy soup (candidates best first; kept only when the soup improved):"
+        sections.append(CardTable(["model", "alone", "soup with it", "kept"], rows, caption))
     if scores:
         names = [m.ref for m in models]
-        lines += ["", "| task | metric | " + " | ".join(names) + " | merged |", "|---|---|" + "---|" * (len(names) + 1)]
-        for task, metrics in scores.items():
-            for metric, cell in metrics.items():
-                row = [f"{input_scores[n][task][metric]['value']:.4f}" for n in names]
-                lines.append(f"| {task} | {metric} | " + " | ".join(row) + f" | {cell['value']:.4f} |")
-    recipe = yaml.dump(resolved, Dumper=config_io._Dumper, sort_keys=False).rstrip()
-    lines += ["", "## Recipe (lmforge.yaml, mergekit syntax)", "", "```yaml", recipe, "```", ""]
-    lines += ["Costs and scores are in run.json."]
-    return "\n".join(lines) + "\n"
+        rows = [
+            [task, metric, *(f"{input_scores[n][task][metric]['value']:.4f}" for n in names), f"{cell['value']:.4f}"]
+            for task, metrics in scores.items()
+            for metric, cell in metrics.items()
+        ]
+        sections.append(CardTable(["task", "metric", *names, "merged"], rows))
+    recipe = config_io.to_yaml(resolved).rstrip()
+    sections.append(["## Recipe (lmforge.yaml, mergekit syntax)", "", "```yaml", recipe, "```"])
+    return model_card(out.name, sentence, sections, note="Costs and scores are in run.json.")

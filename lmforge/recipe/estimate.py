@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.recipe.schema import merge_models
+
 TRAIN_FLOPS = 1.2e11
 SCORE_FLOPS = 5e10
 GEN_S_PER_RECORD = 0.64
@@ -213,8 +215,6 @@ def distill(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
 
 
 def merge(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
-    from lmforge.recipe.kinds import merge_models
-
     refs = [r for r in merge_models(dict(config)) if r]
     inputs = [facts_of(r) for r in dict.fromkeys(refs)]
     known = [f for f in inputs if f]

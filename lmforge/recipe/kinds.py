@@ -21,7 +21,7 @@ from typing import Literal
 from lmforge import config as config_io
 from lmforge.errors import UserError
 from lmforge.recipe import estimate
-from lmforge.recipe.schema import models_at
+from lmforge.recipe.schema import merge_models, models_at
 
 Runner = Callable[[Path, Path, bool], Path]
 
@@ -205,17 +205,6 @@ def _run_compare(config_file: Path, output: Path, overwrite: bool) -> Path:
     comparison = compare(step.runs, baseline=step.baseline, out=output, title=step.title, overwrite=overwrite)
     print_comparison(comparison, Console())
     return output
-
-
-def merge_models(config: dict) -> list[str]:
-    """Model references in a mergekit config: models[].model, base_model, slices[].sources[].model."""
-    found = models_at(config, "base_model")
-    entries = list(config.get("models") or [])
-    for piece in config.get("slices") or []:
-        entries += piece.get("sources") or [] if isinstance(piece, dict) else []
-    for entry in entries:
-        found += [entry] if isinstance(entry, str) else models_at(entry, "model") if isinstance(entry, dict) else []
-    return found
 
 
 def _check_merge(config: dict, where: str) -> None:

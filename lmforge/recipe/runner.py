@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -116,7 +115,7 @@ def run_recipe(
         )
         config_file = root / STEPS / f"{step.name}.yaml"
         config_file.parent.mkdir(exist_ok=True)
-        config_file.write_text(yaml.dump(config, Dumper=config_io._Dumper, sort_keys=False), encoding="utf-8")
+        config_file.write_text(config_io.to_yaml(config), encoding="utf-8")
         replace = overwrite or step.name in state
         begin = time.perf_counter()
         result = _execute(step, kind, config_file, root / step.name, replace, isolate)

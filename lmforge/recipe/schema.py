@@ -215,4 +215,15 @@ def models_at(config: Mapping[str, Any], *keys: str) -> list[str]:
     return found
 
 
+def merge_models(config: Mapping[str, Any]) -> list[str]:
+    """Model references in a mergekit config: models[].model, base_model, slices[].sources[].model."""
+    found = models_at(config, "base_model")
+    entries = list(config.get("models") or [])
+    for piece in config.get("slices") or []:
+        entries += piece.get("sources") or [] if isinstance(piece, dict) else []
+    for entry in entries:
+        found += [entry] if isinstance(entry, str) else models_at(entry, "model") if isinstance(entry, dict) else []
+    return found
+
+
 Checker = Callable[[dict, str], None]

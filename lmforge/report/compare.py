@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -22,54 +21,16 @@ from rich.table import Table
 
 from lmforge.errors import UserError
 from lmforge.outputs import staged_output
+from lmforge.report import html, plots
 from lmforge.report.record import RunMeter, run_record, write_json
+from lmforge.report.rows import LOWER_IS_BETTER, MIB, Comparison, Row, TableData
 
 HEADLINE = ("exact_match", "acc", "acc_norm", "perplexity", "bits_per_byte")
-LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "byte_perplexity"}
 FAMILIES = {"finetune": "fine-tuning", "distill": "distillation", "merge": "merge"}
 KEEPS = 0.8  # a merge pays off when it keeps this share of every expert's gain
 RETAINS = 0.9  # a student pays off when it keeps this share of its teacher's score ...
 FASTER = 1.2  # ... and generates at least this much faster
 FORGETS = 0.10  # probe perplexity up by more than this share counts as forgetting
-MIB = 1024 * 1024
-
-
-@dataclass(eq=False)  # rows are compared by identity (a row is one model)
-class Row:
-    """One model: its scores, footprint and what it cost to make."""
-
-    label: str
-    method: str
-    family: str
-    folder: str | None
-    scores: dict[str, dict]
-    """task -> {metric, value, stderr}: the headline metric."""
-    footprint: dict
-    cost: dict | None
-    """wall_s, cpu_s, peak_rss_bytes, tokens_seen of the run that made the model (None: not made here)."""
-    producer: dict | None = None
-    sources: list[str] = field(default_factory=list)
-    curve: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class TableData:
-    """A table as strings, rendered alike on the terminal, in report.md and in report.html."""
-
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    note: str = ""
-
-
-@dataclass
-class Comparison:
-    title: str
-    rows: list[Row]
-    baseline: str
-    tasks: list[str]
-    tables: list[TableData]
-    verdicts: dict[str, str]
 
 
 def headline(metrics: dict) -> dict | None:
@@ -568,8 +529,6 @@ def to_markdown(table: TableData) -> str:
 
 
 def _write_report(comparison: Comparison, out: Path, overwrite: bool, meter: RunMeter, runs: list[str]) -> None:
-    from lmforge.report import html, plots
-
     images = plots.render_all(comparison)
     with staged_output(out, overwrite=overwrite) as staging:
         (staging / "plots").mkdir()

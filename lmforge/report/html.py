@@ -11,7 +11,7 @@ import base64
 import jinja2
 import markupsafe
 
-from lmforge.report.compare import Comparison
+from lmforge.report.rows import Comparison
 
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 
-from lmforge.report.compare import LOWER_IS_BETTER, MIB, Comparison, Row
+from lmforge.report.rows import LOWER_IS_BETTER, MIB, Comparison, Row
 
 DPI = 100
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.data.chat import IGNORE_INDEX
-from lmforge.eval.scoring import _LOGIT_TRANSFORMS
+from lmforge.eval.scoring import LOGIT_TRANSFORMS
 from lmforge.train.tied import add_into_grad, grad_in_place
 
 
@@ -129,7 +129,7 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
     batch = on_model_device(model, batch)
     inputs = _model_inputs(batch)
     labels = batch["labels"]
-    if any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS):
+    if any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
         # Softcapping or scaling sits between the head and the softmax: use the model's own full logits.
         logits = model(**inputs).logits  # (batch, seq, vocab)
         keep = labels[:, 1:] != IGNORE_INDEX
@@ -180,7 +180,7 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024) -> Tensor:
     inputs = _model_inputs(batch)
     targets = batch["labels"][:, 1:]  # (batch, seq - 1)
     keep = targets != IGNORE_INDEX
-    if any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS):
+    if any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
         logits = model(**inputs).logits[:, :-1].float()  # (batch, seq - 1, vocab)
         picked = logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
         return (picked * keep).sum(-1)

@@ -186,6 +186,11 @@ def loss_units(batch: dict) -> int:
     return int((batch["labels"] != -100).sum())
 
 
+def tokens_seen(history: list[dict]) -> int:
+    """Input tokens the steps of a history read (padding excluded), for run.json."""
+    return sum(h.get("input_tokens", 0) for h in history if "loss" in h)
+
+
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -297,6 +302,9 @@ def train(
     checkpoint = work_dir / "checkpoint"
     if resume and (checkpoint / "state.json").is_file():
         state = load_checkpoint(checkpoint, model, optimizer)
+        log.info("resuming from step %d of %d (%s)", state.step, cfg.max_steps, checkpoint)
+    elif resume:
+        log.info("nothing to resume in %s: starting from step 0", work_dir)
     log_path = work_dir / "log.jsonl"
     history: list[dict] = []
 
@@ -381,9 +389,15 @@ def train(
                 save_checkpoint(checkpoint, model, optimizer, state)
     except KeyboardInterrupt:
         if mid_step and isinstance(optimizer, StepInBackward):  # some weights took this step, others not
-            log.warning("interrupted inside an optimiser step taken in backward: resume starts at the last checkpoint")
+            log.warning(
+                "interrupted inside an optimiser step taken in backward: resume starts at the last checkpoint, %s",
+                checkpoint,
+            )
         elif accelerator.is_main_process:
             save_checkpoint(checkpoint, model, optimizer, state)
+            log.warning(
+                "interrupted after step %d of %d: checkpoint saved in %s", state.step, cfg.max_steps, checkpoint
+            )
         raise
     finally:
         scope.close()
