@@ -16,7 +16,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lmforge import config as config_io
 from lmforge.distill.command import distill_command
 from lmforge.errors import UserError
 from lmforge.merge.command import merge_command
@@ -86,6 +85,7 @@ def finetune_command(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
     """Supervised fine-tuning (LoRA or full) with a forgetting report; flags override the config file."""
+    from lmforge import config as config_io
     from lmforge.finetune.sft import finetune
 
     flags = {
@@ -123,6 +123,7 @@ def dpo_command(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
     """Preference tuning (DPO or IPO), LoRA or full; flags override the config file."""
+    from lmforge import config as config_io
     from lmforge.finetune.dpo import dpo
 
     flags = {
@@ -150,6 +151,7 @@ def tune_command(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder and its study")] = False,
 ) -> None:
     """Search SFT hyperparameters (Optuna TPE, median pruning); the best trial goes to <output>/best."""
+    from lmforge import config as config_io
     from lmforge.finetune.search import TuneConfig, tune
 
     flags = {

@@ -7,7 +7,10 @@ so the check provably runs before the model is looked at.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -143,3 +146,39 @@ def test_merge_flag_and_param_that_disagree(monkeypatch, capsys, tmp_path):
     line = one_line(code, err)
     assert "--param 't=0.3'" in line and "--t 0.5" in line and "set t to different values" in line
     assert_nothing_left(tmp_path)
+
+
+def test_ctrl_c_during_tune_is_one_line_that_keeps_the_study(tiny_llama, tmp_path):
+    """A real SIGINT mid-trial: Optuna's logged traceback is gone; one line says the study is kept and how to
+    continue it; exit 130; the trial's work folder is cleaned up."""
+    config = tmp_path / "tune.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_llama),
+                "output": str(tmp_path / "out"),
+                "data": {"task": "dates", "limit": 48, "val_fraction": 0.2},
+                "train": {"batch_size": 8, "save_every": 100000},
+                "space": {"max_steps": [100000, 100000]},  # a trial that cannot end before the signal
+                "eval": {"limit": 1, "probe": False},
+            }
+        )
+    )
+    command = [sys.executable, "-c", "from lmforge.cli import main; main()", "tune", str(config), "--trials", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trials = tmp_path / "out" / "trials"
+    deadline = time.monotonic() + 120
+    while not any(trials.glob("*.work")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "Trial 0 failed" not in err
+    lines = err.strip().splitlines()
+    assert all(line.startswith("lmforge: ") for line in lines), err
+    study = tmp_path / "out" / "study.db"
+    assert lines[-1] == (
+        f"lmforge: interrupted: the study in {study} is kept; continue it with: lmforge tune {config} trials=2 --resume"
+    )
+    assert study.is_file() and not list(trials.glob("*.work")) and not (tmp_path / "out" / "best").exists()
