@@ -5,6 +5,7 @@ downloading one from a hub, so this converts a local llama folder (safetensors +
 `tokenizer.json`, e.g. from `make_tiny_llama`) the way llama.cpp's `convert_hf_to_gguf.py` does for
 llama: ggml tensor names, the rotary Q/K row permutation, the `llama.*` hyperparameters and the
 `gpt2`-model tokenizer metadata. Tensors stay F32 so a round trip is exact.
+`lmforge export` (gguf_export.py) writes f16/q8_0 files with the same metadata and permutation helpers.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path) -> Path:
     writer = gguf.GGUFWriter(out_path, _ARCH)
     writer.add_name(model_dir.name)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_hyperparameters(writer, config)
-    _add_tokenizer(writer, tokenizer, tokenizer_json, config)
+    add_hyperparameters(writer, config)
+    add_tokenizer(writer, tokenizer, tokenizer_json, config)
     for name, array in _gguf_tensors(model_dir, config):
         writer.add_tensor(name, array)
 
@@ -79,7 +80,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     return metadata
 
 
-def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any) -> None:
+def add_hyperparameters(writer: gguf.GGUFWriter, config: Any) -> None:
     """The `llama.*` keys transformers' GGUF loader turns back into a `LlamaConfig`."""
     # transformers 5 keeps theta and scaling together in `rope_parameters`; older configs split them.
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -105,7 +106,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any) -> None:
         writer.add_value_length(head_dim)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, tokenizer_json: dict, config: Any) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, tokenizer_json: dict, config: Any) -> None:
     """The `gpt2` (byte-level BPE) tokenizer keys, as llama.cpp's `get_vocab_base` writes them."""
     model = tokenizer_json.get("model", {})
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tokenizer_json.get("pre_tokenizer")):
@@ -200,14 +201,14 @@ def _gguf_tensors(model_dir: Path, config: Any) -> list[tuple[str, np.ndarray]]:
             raise ValueError(f"no GGUF name for tensor {hf_name!r}.")
         array = tensor.float().numpy()
         if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            array = _permute(array, heads)
+            array = permute_rotary(array, heads)
         elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            array = _permute(array, kv_heads)
+            array = permute_rotary(array, kv_heads)
         tensors.append((gguf_name, np.ascontiguousarray(array)))
     return tensors
 
 
-def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
+def permute_rotary(weights: np.ndarray, heads: int) -> np.ndarray:
     """Interleave each head's rotary halves: HF rotates (x[:d/2], x[d/2:]), ggml adjacent pairs.
 
     transformers' GGUF loader applies the inverse when it reads `attn_q`/`attn_k` back.
