@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from lmforge.data.columns import parse_columns
 from lmforge.distill.command import distill_command
 from lmforge.errors import UserError
 from lmforge.merge.command import merge_command
@@ -177,20 +178,6 @@ def tune_command(
     console.print(f"best trial {results.best_trial} (val_loss {results.best_value:.4f}) in {results.best}")
 
 
-@app.command("export")
-def export_command(
-    model: Annotated[str, typer.Argument(help="'default', a model or LoRA adapter folder, a .gguf file or a hub id")],
-    gguf: Annotated[Path, typer.Option("--gguf", help="GGUF file to write (for llama.cpp, Ollama)")],
-    type: Annotated[str, typer.Option("--type", help="f16 | q8_0")] = "f16",
-    overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
-) -> None:
-    """Write a llama model as one GGUF file, tokenizer and chat template included (adapters merged first)."""
-    from lmforge.models.gguf_export import export_gguf
-
-    path = export_gguf(model, gguf, type, overwrite=overwrite)
-    console.print(f"wrote {path} ({type}, {path.stat().st_size / 2**20:.1f} MiB)")
-
-
 app.command("distill")(distill_command)
 app.command("merge")(merge_command)
 app.command("run")(run_command)
@@ -254,19 +241,6 @@ def data_preview(
         ]
         console.print("rendered ([green]trained[/green], [dim]masked[/dim]):")
         console.print("".join(pieces), markup=True, highlight=False)
-
-
-def parse_columns(text: str | None) -> dict[str, str] | None:
-    """'prompt=question,completion=answer' -> {'prompt': 'question', 'completion': 'answer'}."""
-    if not text:
-        return None
-    mapping = {}
-    for pair in text.split(","):
-        canonical, sep, theirs = pair.partition("=")
-        if not sep or not canonical.strip() or not theirs.strip():
-            raise UserError(f"bad --columns entry '{pair}': write CANONICAL=YOURKEY, e.g. prompt=question")
-        mapping[canonical.strip()] = theirs.strip()
-    return mapping
 
 
 def main() -> None:

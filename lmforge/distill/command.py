@@ -9,6 +9,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.console import Console
+
+from lmforge.data.columns import parse_columns
+
+console = Console()
 
 
 def distill_command(
@@ -31,7 +36,6 @@ def distill_command(
 ) -> None:
     """Distil a teacher into a smaller student (built from its layers, or given); flags override the config."""
     from lmforge import config as config_io
-    from lmforge.cli import console, parse_columns
     from lmforge.distill.run import distill
 
     flags = {
