@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 _API = {
     "load_model": "lmforge.models.load:load_model",
     "resolve_model": "lmforge.models.load:resolve_model",
+    "export_gguf": "lmforge.models.gguf_export:export_gguf",
     "evaluate": "lmforge.eval.run:evaluate",
     "run_eval": "lmforge.eval.run:run_eval",
     "finetune": "lmforge.finetune.sft:finetune",

@@ -227,3 +227,9 @@ def test_interrupt_while_writing_leaves_nothing(tiny_llama, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         export_gguf(tiny_llama, tmp_path / "x.gguf", "q8_0")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_gguf_is_public_api():
+    import lmforge
+
+    assert lmforge.export_gguf is export_gguf and "export_gguf" in lmforge.__all__
