@@ -118,20 +118,20 @@ class PreferenceData:
 
 @dataclass(frozen=True)
 class DPOConfig:
-    """A preference-tuning run (LoRA)."""
+    """A preference-tuning run (LoRA or full)."""
 
     output: str
     """Output model folder."""
     model: str = "default"
     """Model reference: default, a folder, a .gguf file or a hub id (ideally an SFT result)."""
+    beta: float = 0.1
+    """KL strength: higher keeps the policy closer to the reference."""
     method: Literal["lora", "full"] = "lora"
     """lora (the adapter-disabled model is the reference) or full (reference log-probs taken before step one)."""
     data: PreferenceData = field(default_factory=PreferenceData)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
-    beta: float = 0.1
-    """KL strength: higher keeps the policy closer to the reference."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid (DPO) or ipo."""
     overwrite: bool = False
@@ -249,11 +249,9 @@ def dpo(
 ) -> Path:
     """Preference-tune a model (DPO or IPO, LoRA or full) and write its output folder; returns the folder.
 
-    Args:
-        config: a YAML file, a dict of the same keys, a DPOConfig, or None (defaults).
-        overrides: "key.sub=value" strings, as on the command line.
-        settings: config keys as keyword arguments, applied last, e.g. output="runs/dpo",
-            data={"path": "prefs.jsonl"}, train={"max_steps": 2}.
+    Takes its config as `finetune` does: a YAML file, a dict of the same keys, a DPOConfig or None, then
+    "key.sub=value" overrides, then keyword settings applied last, e.g.
+    dpo(output="runs/dpo", data={"path": "prefs.jsonl"}, train={"max_steps": 2}).
     """
     return run_dpo(config_io.resolve(config, DPOConfig, overrides, **settings))
 

@@ -70,11 +70,9 @@ def finetune(
 ) -> Path:
     """Fine-tune a model (SFT, LoRA or full) with a forgetting report and write its output folder; returns it.
 
-    Args:
-        config: a YAML file, a dict of the same keys, an SFTConfig, or None (defaults).
-        overrides: "key.sub=value" strings, as on the command line.
-        settings: config keys as keyword arguments, applied last, e.g. output="runs/sft", model="default",
-            data={"task": "dates"}, train={"max_steps": 2}.
+    The run is `config` (a YAML file, a dict of the same keys, an SFTConfig, or None for the defaults), then the
+    "key.sub=value" `overrides` as on the command line, then the keyword `settings` (config keys, applied last),
+    e.g. finetune(output="runs/sft", model="default", data={"task": "dates"}, train={"max_steps": 2}).
     """
     return run_sft(config_io.resolve(config, SFTConfig, overrides, **settings))
 
