@@ -11,6 +11,7 @@ import pytest
 
 from lmforge import config
 from lmforge.errors import UserError
+from lmforge.overrides import command_line
 
 
 @dataclass(frozen=True)
@@ -286,22 +287,22 @@ FLAGS = {"--steps": ("train.max_steps", 2), "--lr": ("train.lr", None), "--resum
 )
 def test_a_flag_and_an_override_of_one_key_must_agree(args):
     with pytest.raises(UserError) as err:
-        config.command_line(args, FLAGS)
+        command_line(args, FLAGS)
     assert str(err.value) == (
         f"--steps 2 and override '{args[-1]}' set train.max_steps to different values: give only one of them"
     )
 
 
 def test_command_line_splits_the_config_and_puts_flags_last():
-    config_path, overrides = config.command_line(["c.yml", "train.max_steps=2", "train.lr=0.1"], FLAGS)
+    config_path, overrides = command_line(["c.yml", "train.max_steps=2", "train.lr=0.1"], FLAGS)
     assert config_path == "c.yml"
     assert overrides == ["train.max_steps=2", "train.lr=0.1", "train.max_steps=2"]  # equal values agree
     flags = {"--columns": ("data.columns", {"prompt": "q"}), "--resume": ("resume", True)}
-    assert config.command_line(["data.columns.prompt=q"], flags)[1][-2:] == [
+    assert command_line(["data.columns.prompt=q"], flags)[1][-2:] == [
         'data.columns={"prompt": "q"}',
         "resume=true",
     ]
     with pytest.raises(UserError, match="^--columns .* and override 'data.columns.prompt=x' set data.columns"):
-        config.command_line(["data.columns.prompt=x"], flags)
+        command_line(["data.columns.prompt=x"], flags)
     with pytest.raises(UserError, match="^--resume and override 'resume=false' set resume to different"):
-        config.command_line(["resume=false"], flags)
+        command_line(["resume=false"], flags)

@@ -35,8 +35,8 @@ def distill_command(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
     """Distil a teacher into a smaller student (built from its layers, or given); flags override the config."""
-    from lmforge import config as config_io
     from lmforge.distill.run import distill
+    from lmforge.overrides import command_line
 
     flags = {
         "--teacher": ("teacher", teacher),
@@ -51,4 +51,4 @@ def distill_command(
         "--overwrite": ("overwrite", overwrite),
         "--resume": ("resume", resume),
     }
-    console.print(f"distilled student in {distill(*config_io.command_line(args, flags))}")
+    console.print(f"distilled student in {distill(*command_line(args, flags))}")
