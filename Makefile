@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmforge-installed
 
 .PHONY: setup test-tools peer-venv chromium demo test test-slow style quality
+# Independent setup steps (lmforge's virtualenv, the mergekit peer's, the browser) run at once; each target's
+# output is printed whole when it finishes.
+MAKEFLAGS += --jobs=3 --output-sync=target
 
 setup: $(STAMP)
 
@@ -35,8 +38,10 @@ test: setup test-tools
 # or a registry still runs the rest.
 test-tools: peer-venv chromium
 
-peer-venv: setup
-	@$(BIN)/python bench/peers.py || \
+# bench/peers.py needs only the standard library (mergekit shares no pins with lmforge), so the peer virtualenv
+# builds beside lmforge's own: `test` runs its prerequisites in parallel (MAKEFLAGS below).
+peer-venv:
+	@$(PYTHON) bench/peers.py || \
 	{ echo "could not build bench/.venv-mergekit: the conformance tests skip here (fail under CI=true)"; [ "$$CI" != true ]; }
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

@@ -1,4 +1,4 @@
-"""`lmforge merge` side by side with mergekit 0.1.5 (`mergekit-yaml`): wall time and peak RSS, and the I/O floor.
+"""`lmforge merge` side by side with mergekit 0.1.5 (`mergekit-yaml`): wall time and peak RSS, and the floor.
 
 Cases (the same YAML file goes to both tools):
 - linear, slerp, ties, dare_ties on three ~135M float32 models: lmforge's `default` SmolLM2-135M-Instruct folder
@@ -9,25 +9,31 @@ Cases (the same YAML file goes to both tools):
   8192, GQA 32/8 heads, SmolLM2's 49152-token vocabulary, untied head), `dtype: bfloat16`. They are generated
   shard by shard (base shard, then each variant from it), so building them never holds a whole model; ~7 GB
   of disk for the set. mergekit needs ~11 GB of RAM here: the case is skipped when memory or disk is short.
-- io_floor: `cat` of every input file to /dev/null, then `dd` of one output-sized file (zeros): what reading the
-  inputs and writing the output costs on this machine, with no arithmetic.
-- torch_import: `python -c "import torch"` with lmforge's interpreter, what any torch-based process pays before
-  it reads a byte (column "import/floor"): where it is over 1, "within 2x of the floor" leaves less time for
-  reading, merging and writing than `cat` and `dd` take.
+- floor: what any torch-based merge tool pays with no arithmetic, in one process of lmforge's interpreter:
+  start Python, `import torch`, read every input file (64 MB `readinto`s, to no use; two reader threads, as
+  `lmforge merge` reads with two workers, so the floor is not slower for reading one file at a time) and write
+  one file of the output's size (zeros), then leave by `os._exit` (no interpreter teardown). Issue 14 settled the
+  target's floor as this; earlier rounds' `io_floor` was `cat` + `dd` alone, `import torch` timed beside it.
 
 Each tool runs in a process of its own (peers.measure: wall time, peak RSS of the process tree); the order of
-the two tools alternates between repeats; medians over `--repeats`. `--page-cache cold` (default): before each
-timed run the inputs' pages are evicted (sync, then posix_fadvise DONTNEED on every input file, which needs no
-root), so both tools and the floor read their inputs from disk, as a user merging downloaded models does.
-`--page-cache warm`: every input is read once (`cat > /dev/null`) before each timed run, so all three read
-from memory and the floor is a memory copy. Outputs go to page cache either way (no tool calls fsync). After the last
-repeat, the two outputs are compared tensor by tensor (max |lmforge - mergekit| / max |mergekit|; for
+the two tools alternates between repeats, the floor runs after them in the same repeat; each repeat's lmforge /
+floor ratio is taken within that repeat (on a shared machine the disk's and CPU's speed drift between repeats),
+and the target is judged on the median of those ratios over at least three cold repeats (`--repeats`, default
+3). `--page-cache cold` (default): before each timed run the inputs' pages are evicted (sync, then
+posix_fadvise DONTNEED on every input file, which needs no root), so both tools and the floor read their inputs
+from disk, as a user merging downloaded models does. `--page-cache warm`: every input is read once
+(`cat > /dev/null`) before each timed run, so all three read from memory and the floor's reads are memory
+copies. Outputs go to page cache either way (no tool calls fsync). After the last repeat, the two outputs are
+compared tensor by tensor (max |lmforge - mergekit| / max |mergekit|; for
 dare_ties the masks are random, so only the tensor names and shapes can agree).
 
-Targets (issue 3): lmforge within 2x of the I/O floor on every case, and peak RSS <= 0.3x mergekit's.
+Targets (issue 3, floor as settled in issue 14): lmforge within 2x of the floor on every case, and peak RSS
+<= 0.3x mergekit's. `--no-mergekit` times lmforge and the floor only (the first target; ties_1b then needs
+~2 GB of RAM instead of mergekit's ~11 GB, and ~40 s per repeat instead of ~4 minutes).
 
-    .venv/bin/python bench/merge_vs_mergekit.py --skip-1b              # the four 135M cases (~15 min)
-    .venv/bin/python bench/merge_vs_mergekit.py --cases ties_1b        # check `free -g` first
+    .venv/bin/python bench/merge_vs_mergekit.py --skip-1b                  # the four 135M cases (~5 min)
+    .venv/bin/python bench/merge_vs_mergekit.py --cases ties_1b            # check `free -g` first
+    .venv/bin/python bench/merge_vs_mergekit.py --cases ties_1b --no-mergekit
 """
 
 from __future__ import annotations
@@ -49,12 +55,29 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 ROOT = peers.ROOT
-PEER = "mergekit==0.1.5"
-VENV = ROOT / "bench" / ".venv-mergekit"
+VENV = peers.MERGEKIT_VENV
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TOOLS = ("lmforge", "mergekit")
 CASES = ("linear", "slerp", "ties", "dare_ties", "ties_1b")
-BOUNDS = ("io_floor", "torch_import")  # timed beside the tools in every repeat
+# The floor (see the module docstring): argv[1] = output file, argv[2] = its size in bytes, argv[3:] = inputs.
+FLOOR = """import os, sys, threading, torch
+def read(names):
+    buffer = memoryview(bytearray(64 << 20))
+    for name in names:
+        with open(name, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+readers = [threading.Thread(target=read, args=(sys.argv[3 + i :: 2],)) for i in range(2)]
+for reader in readers:
+    reader.start()
+for reader in readers:
+    reader.join()
+left, buffer = int(sys.argv[2]), memoryview(bytearray(64 << 20))
+with open(sys.argv[1], "wb", buffering=0) as handle:
+    while left > 0:
+        left -= handle.write(buffer[: min(left, len(buffer))])
+os._exit(0)
+"""
 TARGET_FLOOR, TARGET_RSS = 2.0, 0.3
 NOISE = 0.05  # fine-tune stand-in: each tensor + N(0, (NOISE * its std)^2)
 # ~1.17B parameters, bfloat16: 2 x 49152 x 2048 embeddings + 16 x 60.8M per layer.
@@ -66,7 +89,7 @@ NEED_1B_RAM_GB, NEED_1B_DISK_GB = 14, 12  # mergekit's ~11 GB RSS + page cache h
 @dataclass
 class Run:
     case: str
-    tool: str  # lmforge | mergekit | io_floor | torch_import
+    tool: str  # lmforge | mergekit | floor
     repeat: int
     wall_s: float
     cpu_s: float
@@ -256,13 +279,8 @@ def timed(case: str, tool: str, repeat: int, args, config: Path, files: list[Pat
         command = [str(args.lmforge_python), "-m", "lmforge.cli", "merge", str(config), str(out), "--overwrite"]
     elif tool == "mergekit":
         command = [str(VENV / "bin" / "mergekit-yaml"), str(config), str(out), "--random-seed", "0"]
-    elif tool == "torch_import":
-        command = [str(args.lmforge_python), "-c", "import torch"]
-    else:  # the floor: read every input, write one output-sized file
-        size_mb = -(-out_bytes // (1 << 20))
-        script = 'cat "$@" > /dev/null && dd if=/dev/zero of="$OUT" bs=1M count="$SIZE" status=none'
-        command = ["sh", "-c", script, "floor", *map(str, files)]
-        env |= {"OUT": str(out), "SIZE": str(size_mb)}
+    else:  # the floor: start Python, import torch, read every input, write one output-sized file
+        command = [str(args.lmforge_python), "-c", FLOOR, str(out), str(out_bytes), *map(str, files)]
     shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
     warm(files) if args.page_cache == "warm" else evict(files)
     load = os.getloadavg()[0]
@@ -313,63 +331,85 @@ def agreement(case: str, config: dict, ours: Path, theirs: Path) -> dict:
     return result
 
 
-def summarise(runs: list[Run], agreements: dict) -> dict:
+def summarise(runs: list[Run], agreements: dict, settled: bool) -> dict:
+    """Per case: medians per tool, and ratios taken within each repeat (their median judges the targets).
+
+    `settled` (at least three cold repeats) says whether the floor target's verdict counts (issue 14).
+    """
     summary = {}
     for case in dict.fromkeys(r.case for r in runs):
+        by = {(r.tool, r.repeat): r for r in runs if r.case == case}
+        tools = [t for t in (*TOOLS, "floor") if (t, 0) in by]
+        repeats = sorted({repeat for _, repeat in by})
+        fields = ("wall_s", "cpu_s", "peak_rss_mb")
         median = {
-            tool: {k: statistics.median(getattr(r, k) for r in runs if r.case == case and r.tool == tool)
-                   for k in ("wall_s", "cpu_s", "peak_rss_mb")}
-            for tool in (*TOOLS, *BOUNDS)
-        }  # fmt: skip
-        ours, theirs, floor = median["lmforge"], median["mergekit"], median["io_floor"]
-        ratios = {
-            "wall_lmforge_over_mergekit": ours["wall_s"] / theirs["wall_s"],
-            "wall_lmforge_over_io_floor": ours["wall_s"] / floor["wall_s"],
-            "wall_mergekit_over_io_floor": theirs["wall_s"] / floor["wall_s"],
-            "rss_lmforge_over_mergekit": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
-            "torch_import_over_io_floor": median["torch_import"]["wall_s"] / floor["wall_s"],
+            tool: {k: statistics.median(getattr(by[tool, i], k) for i in repeats) for k in fields} for tool in tools
         }
-        targets = {
-            f"within {TARGET_FLOOR}x of the I/O floor": ratios["wall_lmforge_over_io_floor"] <= TARGET_FLOOR,
-            f"peak RSS <= {TARGET_RSS}x mergekit's": ratios["rss_lmforge_over_mergekit"] <= TARGET_RSS,
+        per_repeat = {
+            "lmforge_over_floor": [by["lmforge", i].wall_s / by["floor", i].wall_s for i in repeats],
+            # CPU seconds: steadier than wall on a loaded machine, where walls measure the share of the cores each got
+            "cpu_lmforge_over_floor": [by["lmforge", i].cpu_s / by["floor", i].cpu_s for i in repeats],
         }
-        summary[case] = {**median, "ratios": ratios, "targets": targets, "agreement": agreements.get(case)}
+        if "mergekit" in tools:
+            per_repeat["mergekit_over_floor"] = [by["mergekit", i].wall_s / by["floor", i].wall_s for i in repeats]
+            per_repeat["lmforge_over_mergekit"] = [by["lmforge", i].wall_s / by["mergekit", i].wall_s for i in repeats]
+            per_repeat["rss_lmforge_over_mergekit"] = [
+                by["lmforge", i].peak_rss_mb / by["mergekit", i].peak_rss_mb for i in repeats
+            ]
+        ratios = {name: statistics.median(values) for name, values in per_repeat.items()}
+        targets = {f"within {TARGET_FLOOR}x of the floor": ratios["lmforge_over_floor"] <= TARGET_FLOOR}
+        if "mergekit" in tools:
+            targets[f"peak RSS <= {TARGET_RSS}x mergekit's"] = ratios["rss_lmforge_over_mergekit"] <= TARGET_RSS
+        loads = [by[t, i].load_1m_before for t in tools for i in repeats]
+        summary[case] = {
+            **median,
+            "ratios": ratios,
+            "per_repeat": per_repeat,
+            "load_1m_before": [min(loads), max(loads)],
+            "targets": targets,
+            "settled": settled,
+            "agreement": agreements.get(case),
+        }
     return summary
 
 
 def print_table(summary: dict) -> None:
+    """Medians per tool; ratios are medians of the per-repeat ratios (each repeat's runs against each other)."""
     head = (
-        f"{'case':<10} {'lmforge s':>10} {'mergekit s':>11} {'I/O floor s':>12} {'lm/mk':>7} {'lm/floor':>9}"
-        f" {'mk/floor':>9} {'import/floor':>13} {'lm RSS MB':>10} {'mk RSS MB':>10} {'RSS lm/mk':>10}  targets"
+        f"{'case':<10} {'lmforge s':>10} {'mergekit s':>11} {'floor s':>8} {'lm/floor':>9} {'[repeats]':<20}"
+        f" {'lm/mk':>6} {'lm RSS MB':>10} {'mk RSS MB':>10} {'RSS lm/mk':>10} {'load':>9}  targets"
     )
     print("\n" + head + "\n" + "-" * (len(head) + 12))
     for case, s in summary.items():
         r = s["ratios"]
-        met = (
-            "both met"
-            if all(s["targets"].values())
-            else "NOT met: " + ", ".join(k for k, v in s["targets"].items() if not v)
-        )
+        failed = [k for k, v in s["targets"].items() if not v]
+        met = "met" if not failed else "NOT met: " + ", ".join(failed)
+        met += "" if s["settled"] else " (fewer than 3 cold repeats: not a verdict)"
+        peer = "mergekit" in s
+        repeats = "[" + " ".join(f"{x:.2f}" for x in s["per_repeat"]["lmforge_over_floor"]) + "]"
         print(
-            f"{case:<10} {s['lmforge']['wall_s']:>10.1f} {s['mergekit']['wall_s']:>11.1f}"
-            f" {s['io_floor']['wall_s']:>12.1f}"
-            f" {r['wall_lmforge_over_mergekit']:>7.2f} {r['wall_lmforge_over_io_floor']:>9.2f}"
-            f" {r['wall_mergekit_over_io_floor']:>9.2f} {r['torch_import_over_io_floor']:>13.2f}"
-            f" {s['lmforge']['peak_rss_mb']:>10.0f}"
-            f" {s['mergekit']['peak_rss_mb']:>10.0f} {r['rss_lmforge_over_mergekit']:>10.2f}  {met}"
+            f"{case:<10} {s['lmforge']['wall_s']:>10.1f} {s['mergekit']['wall_s'] if peer else float('nan'):>11.1f}"
+            f" {s['floor']['wall_s']:>8.2f} {r['lmforge_over_floor']:>9.2f} {repeats:<20}"
+            f" {r.get('lmforge_over_mergekit', float('nan')):>6.2f} {s['lmforge']['peak_rss_mb']:>10.0f}"
+            f" {s['mergekit']['peak_rss_mb'] if peer else float('nan'):>10.0f}"
+            f" {r.get('rss_lmforge_over_mergekit', float('nan')):>10.2f}"
+            f" {s['load_1m_before'][0]:>4.1f}-{s['load_1m_before'][1]:<4.1f}  {met}"
         )
-    print(f"\ntargets: lmforge wall <= {TARGET_FLOOR}x the I/O floor; lmforge peak RSS <= {TARGET_RSS}x mergekit's\n")
+    print(
+        f"\ntargets: lmforge wall <= {TARGET_FLOOR}x the floor (python + import torch + read inputs + write output),"
+        f" median of per-repeat ratios; lmforge peak RSS <= {TARGET_RSS}x mergekit's\n"
+    )
 
 
 # ---------------------------------------------------------------- main
 
 
-def room_for_1b(cache: Path) -> str | None:
-    """Why the 1B case cannot run now (memory or disk short), or None."""
+def room_for_1b(cache: Path, with_mergekit: bool) -> str | None:
+    """Why the 1B case cannot run now (memory or disk short), or None; lmforge alone needs ~2 GB of RAM."""
     available = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
     ram_gb = available["MemAvailable"] / (1 << 20)
     disk_gb = shutil.disk_usage(cache).free / (1 << 30)
-    if ram_gb < NEED_1B_RAM_GB:
+    if ram_gb < (NEED_1B_RAM_GB if with_mergekit else 4):
         return f"only {ram_gb:.1f} GB of RAM available (mergekit needs ~11 GB; {NEED_1B_RAM_GB} GB asked)"
     if disk_gb < NEED_1B_DISK_GB and not (cache / f"merge-llama-1b-{'-'.join(map(str, BIG.values()))}").is_dir():
         return f"only {disk_gb:.1f} GB free in {cache} ({NEED_1B_DISK_GB} GB needed)"
@@ -380,7 +420,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--skip-1b", action="store_true", help="leave out ties_1b")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per tool and case (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool and case (default 3)")
+    parser.add_argument("--no-mergekit", action="store_true", help="time lmforge and the floor only")
     parser.add_argument("--threads", type=int, help="OMP/MKL threads for both tools (default: their own choice)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lmforge" / "bench")
     parser.add_argument(
@@ -401,13 +442,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    peers.ensure_peer_venv(VENV, PEER, "mergekit", ())
+    tools = ("lmforge",) if args.no_mergekit else TOOLS
+    if not args.no_mergekit:
+        peers.ensure_mergekit()
     args.cache.mkdir(parents=True, exist_ok=True)
     work = args.cache / "merge-runs"
     shutil.rmtree(work, ignore_errors=True)
     (work / "logs").mkdir(parents=True)
     skipped = {}
-    if "ties_1b" in args.cases and (why := room_for_1b(args.cache)):
+    if "ties_1b" in args.cases and (why := room_for_1b(args.cache, not args.no_mergekit)):
         print(f"skipping ties_1b: {why}")
         skipped["ties_1b"] = why
         args.cases.remove("ties_1b")
@@ -426,15 +469,16 @@ def main(argv: list[str] | None = None) -> int:
         config_path.write_text(json.dumps(config, indent=2))
         print(f"{case}: {len(used)} input models, {sum(f.stat().st_size for f in files) / 1e9:.2f} GB read", flush=True)
         for repeat in range(args.repeats):
-            order = TOOLS if repeat % 2 == 0 else TOOLS[::-1]
-            for tool in (*order, *BOUNDS):
+            order = tools if repeat % 2 == 0 else tools[::-1]
+            for tool in (*order, "floor"):
                 runs.append(timed(case, tool, repeat, args, config_path, files, work / f"{case}-{tool}", out_bytes))
-        agreements[case] = agreement(case, config, work / f"{case}-lmforge", work / f"{case}-mergekit")
-        print(f"  outputs agree: {agreements[case]}", flush=True)
-        for tool in (*TOOLS, "io_floor"):
+        if not args.no_mergekit:
+            agreements[case] = agreement(case, config, work / f"{case}-lmforge", work / f"{case}-mergekit")
+            print(f"  outputs agree: {agreements[case]}", flush=True)
+        for tool in (*TOOLS, "floor"):
             target = work / f"{case}-{tool}"
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    summary = summarise(runs, agreements)
+    summary = summarise(runs, agreements, settled=args.repeats >= 3 and args.page_cache == "cold")
     print_table(summary)
     write_report(args, summary, runs, skipped)
     return 0
@@ -448,6 +492,8 @@ def write_report(args: argparse.Namespace, summary: dict, runs: list[Run], skipp
         "config": {
             "cases": args.cases,
             "repeats": args.repeats,
+            "mergekit": not args.no_mergekit,
+            "floor": "python -c FLOOR: start, import torch, read every input (2 threads), write the output's size",
             "threads": args.threads,
             "page_cache": args.page_cache,
             "noise": NOISE,
