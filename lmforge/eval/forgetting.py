@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from lmforge import config as config_io
 from lmforge.eval.run import evaluate, metrics_of
+from lmforge.eval.tasks import TASKS
 from lmforge.models.load import LoadedModel
 from lmforge.outputs import CardTable
 
@@ -36,6 +37,8 @@ class EvalSettings:
         """Refuse values no run can use when the config is read, before any model loads or is scored."""
         config_io.at_least(self, "limit", 1)
         config_io.at_least(self, "batch_size", 1)
+        known = self.task is None or self.task in TASKS or self.task.endswith(".jsonl")
+        config_io.require(known, "task", f"is not a task: use one of {', '.join(TASKS)}, or a .jsonl file")
 
 
 def report_tasks(settings: EvalSettings, data_task: str | None = None) -> list[str]:
