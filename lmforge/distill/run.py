@@ -182,26 +182,6 @@ def distill(
     return run_distill(config_io.resolve(config, DistillConfig, overrides, **settings))
 
 
-def _check(cfg: DistillConfig) -> None:
-    check_objectives(cfg.objectives)
-    if cfg.train.lr <= 0:
-        raise UserError(f"train.lr must be > 0, got {cfg.train.lr}")
-    if cfg.student is not None and cfg.student_layers is not None:
-        raise UserError("give student (a model) or student_layers (layers kept from the teacher), not both")
-    if cfg.student_layers is not None and cfg.student_layers < 1:
-        raise UserError(f"student_layers must be >= 1, got {cfg.student_layers}")
-    if not 0 <= cfg.signal.on_policy_fraction <= 1:
-        raise UserError(f"signal.on_policy_fraction must be in [0, 1], got {cfg.signal.on_policy_fraction}")
-    if cfg.signal.temperature <= 0 or cfg.signal.top_k < 1 or cfg.signal.max_new_tokens < 1:
-        raise UserError("signal.temperature must be > 0, signal.top_k and signal.max_new_tokens >= 1")
-    if cfg.data.packing and (cfg.signal.kind == "on_policy" or cfg.rationale.enabled):
-        raise UserError("data.packing does not mix with on_policy signals or rationales: set data.packing: false")
-    if cfg.rationale.enabled and cfg.signal.kind in ("sequence", "on_policy"):
-        raise UserError(f"rationale.enabled goes with signal.kind offline or cached, not {cfg.signal.kind}")
-    if cfg.chunk_size < 1:
-        raise UserError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
-
-
 def _prepare_rows(cfg, teacher, tokenizer, records, work: Path, key: list) -> list[dict]:
     """Training rows for the signal kind: dataset, teacher-written, or both tasks of step-by-step."""
     if cfg.rationale.enabled:
@@ -286,7 +266,6 @@ def run_distill(cfg: DistillConfig, on_log: Callable[[dict], None] | None = None
 
     `on_log` also receives every log record of the loop."""
     meter = RunMeter()
-    _check(cfg)
     output, work = start_run(cfg)
     if cfg.train.release_memory:  # from the start: a cached-signal run frees a whole teacher before training
         return_freed_memory_to_os()

@@ -257,8 +257,6 @@ def dpo(
 
 
 def _check(cfg: DPOConfig) -> None:
-    if cfg.beta <= 0:
-        raise UserError(f"beta must be > 0, got {cfg.beta}")
     if not cfg.data.path:
         raise UserError("data.path is required: a preference file with prompt, chosen and rejected per record")
 

@@ -56,11 +56,10 @@ def work_folder(output: str | Path) -> Path:
 def start_run(cfg: Any) -> tuple[Path, Path]:
     """Refuse, before anything loads, a run that cannot start or resume; return (output, work) folders.
 
-    `cfg` is a training command's config: it has output, overwrite, resume and train.lr. A run that does not
-    resume starts from nothing: a work folder left by an interrupted run is removed.
+    `cfg` is a training command's config (output, overwrite, resume; its values were range-checked when it
+    was read). A run that does not resume starts from nothing: a work folder left by an interrupted run is
+    removed.
     """
-    if cfg.train.lr <= 0:
-        raise UserError(f"train.lr must be > 0, got {cfg.train.lr}")
     output, work = Path(cfg.output), work_folder(cfg.output)
     if cfg.resume and work.is_dir():
         check_resumable(cfg, work)
