@@ -299,6 +299,9 @@ def read_yaml(path: str | Path) -> Any:
         raise UserError(f"{path}: {_yaml_problem(err)}") from None
     except _TAG_ERRORS as err:
         raise UserError(f"{path}: {_tag_problem(err)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: values nest too deeply for the YAML reader: flatten them") from None
+    check_shape(data, str(path))
     return {} if data is None else data  # an empty file means "all defaults"
 
 
@@ -323,12 +326,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or "" in key.split("."):
         raise UserError(f"override {text!r}: write it as key.sub=value, e.g. train.lr=3e-4")
     try:
-        return key, yaml.load(raw, Loader=_Loader)
+        value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError as err:
         what = " ".join(str(err.problem if isinstance(err, yaml.MarkedYAMLError) else err).split())
         raise UserError(f"override {text!r}: the value is not valid YAML ({what}): quote it or fix it") from None
     except _TAG_ERRORS as err:
         raise UserError(f"override {text!r}: {_tag_problem(err)}") from None
+    except RecursionError:
+        raise UserError(f"override {text!r}: the value nests too deeply: flatten it") from None
+    check_shape(value, f"override {text!r}")
+    return key, value
 
 
 # What PyYAML's tag constructors raise instead of a YAMLError for a value they cannot read: `!!int x`
@@ -339,6 +346,34 @@ _TAG_ERRORS = (ValueError, IndexError, KeyError, AttributeError, TypeError)
 def _tag_problem(err: Exception) -> str:
     what = " ".join(f"{type(err).__name__}: {err}".split())[:120]
     return f"a YAML tag (!!int, !!float, ...) cannot read its value ({what}): fix the value or remove the tag"
+
+
+MAX_DEPTH = 64  # no config nests near this deep; the readers after this one recurse once per level
+
+
+def check_shape(data: Any, where: str) -> None:
+    """Refuse data that contains itself (`a: &x [*x]`: an alias inside its own anchor) or nests past
+    MAX_DEPTH, which recursive readers would otherwise meet as a RecursionError. Walks each shared
+    (aliased) value once, so `&a` used a million times costs one visit."""
+    height: dict[int, int] = {}  # id -> levels below a finished container
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        value, finished = stack.pop()
+        if not isinstance(value, (dict, list)):
+            continue
+        children = [c for c in (value.values() if isinstance(value, dict) else value) if isinstance(c, (dict, list))]
+        if finished:
+            on_path.discard(id(value))
+            height[id(value)] = 1 + max((height[id(c)] for c in children), default=0)
+            if height[id(value)] > MAX_DEPTH:
+                raise UserError(f"{where}: values nest more than {MAX_DEPTH} levels deep: flatten them")
+        elif id(value) in on_path:
+            raise UserError(f"{where}: a YAML alias (*name) sits inside its own anchor (&name): write the value out")
+        elif id(value) not in height:
+            on_path.add(id(value))
+            stack.append((value, True))
+            stack.extend((child, False) for child in children)
 
 
 def _set(tree: dict[str, Any], parts: list[str], value: Any) -> None:

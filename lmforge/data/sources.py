@@ -161,6 +161,8 @@ def _read_text_rows(path: Path, suffix: str) -> Iterator[tuple[str, dict]]:
         data = _json_object(path.read_text(encoding="utf-8-sig").strip() or "[]", str(path), allow_list=True)
         if isinstance(data, dict):
             data = data.get("data", [data])
+        if not isinstance(data, list):
+            raise UserError(f"{path}: key 'data' must be a list of records, got {type(data).__name__}")
         for number, row in enumerate(data, 1):
             if not isinstance(row, dict):
                 raise UserError(f"{path}: record {number} is not a JSON object")
@@ -190,7 +192,13 @@ def _read_csv(path: Path) -> Iterator[tuple[str, dict]]:
                 yield where, row
         except csv.Error as err:
             # DictReader.line_num lags on a failed row; its inner reader has counted the bad line.
-            raise UserError(f"{path}:{reader.reader.line_num}: malformed CSV ({err}): fix the quoting") from None
+            where = f"{path}:{reader.reader.line_num}"
+            if "field limit" in str(err):  # csv's 128 KiB cap: mostly a quote left open, which runs to the end
+                raise UserError(
+                    f"{where}: malformed CSV (a field runs past {csv.field_size_limit()} characters): close the quote "
+                    "left open above, or keep documents this long in .jsonl"
+                ) from None
+            raise UserError(f"{where}: malformed CSV ({err}): fix the quoting") from None
 
 
 def _json_object(text: str, where: str, allow_list: bool = False) -> dict | list:

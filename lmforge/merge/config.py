@@ -117,7 +117,7 @@ def read(config: str | Path | dict) -> MergeConfig:
     if not isinstance(method, str):
         raise UserError(f"{where}: missing merge_method: use one of {', '.join(accepted_methods())}")
     if method not in METHODS and method not in EXTRA_METHODS:
-        raise UserError(f"{where}: {_unknown_method(method)}")
+        raise UserError(f"{where}: {_unknown_method(config_io.printable(method))}")
     if "modules" in data:
         raise UserError(f"{where}: 'modules:' (multi-module models) is not supported: use models or slices")
     if ("models" in data) == ("slices" in data):
@@ -134,7 +134,7 @@ def read(config: str | Path | dict) -> MergeConfig:
         tokenizer_source = tokenizer.get("source", "union")
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and str(data[key]).removeprefix("torch.") not in DTYPE_NAMES:
-            raise UserError(f"{where}: {key} '{data[key]}' is not one of {', '.join(DTYPE_NAMES)}")
+            raise UserError(f"{where}: {key} {data[key]!r} is not one of {', '.join(DTYPE_NAMES)}")
     models = slices = None
     if "models" in data:
         models = tuple(
@@ -177,7 +177,7 @@ def _check_keys(data: dict, allowed: tuple[str, ...], prefix: str, where: str) -
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"accepted keys: {', '.join(allowed)}"
-            raise UserError(f"{where}: unknown key '{prefix}{key}': {hint}")
+            raise UserError(f"{where}: unknown key '{prefix}{config_io.printable(str(key))}': {hint}")
 
 
 def _list(data: dict, key: str, where: str) -> list:
@@ -250,15 +250,16 @@ def _parameters(value: Any, key: str, params: tuple[Param, ...], where: str) -> 
     by_name = {p.name: p for p in params}
     checked = {}
     for name, setting in value.items():
+        shown = config_io.printable(str(name))
         if name not in by_name:
             if name in ALL_PARAMETER_NAMES:
-                log.warning("%s: %s.%s is not a parameter of this merge method: ignored", where, key, name)
+                log.warning("%s: %s.%s is not a parameter of this merge method: ignored", where, key, shown)
                 continue
             accepted = ", ".join(by_name) or "none"
             close = difflib.get_close_matches(str(name), list(by_name), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise UserError(f"{where}: unknown parameter '{key}.{name}': {hint}this method accepts: {accepted}")
-        _check_setting(setting, by_name[name], f"{key}.{name}", where)
+            raise UserError(f"{where}: unknown parameter '{key}.{shown}': {hint}this method accepts: {accepted}")
+        _check_setting(setting, by_name[name], f"{key}.{shown}", where)
         if name in NO_EFFECT_PARAMETERS and setting:
             log.warning("%s: %s.%s has no effect: %s", where, key, name, NO_EFFECT_PARAMETERS[name])
         checked[name] = setting

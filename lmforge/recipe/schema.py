@@ -176,6 +176,16 @@ def _check_kind(step: Step, label: str, kinds: Mapping[str, Any]) -> None:
 def check_model_ref(ref: str, label: str) -> None:
     """A model reference must exist before the recipe starts: 'default', a .gguf file, a model folder,
     BASE+ADAPTER (merge), or a hub id (not looked up here: the step fetches it)."""
+    shown = config_io.printable(ref if len(ref) <= 80 else ref[:77] + "...")
+    if not ref.isprintable():  # a line break would also break the one-line error below
+        raise UserError(f"{label}: model '{shown}' holds a control character or line break: fix the reference")
+    try:
+        _check_model_ref(ref, label)
+    except OSError as err:  # a name the file system refuses outright, e.g. one part over 255 bytes
+        raise UserError(f"{label}: model '{shown}': {err.strerror}: fix the path or cite a step's output") from None
+
+
+def _check_model_ref(ref: str, label: str) -> None:
     from lmforge.models.load import DEFAULT_REF, check_model_folder, could_be_hub_id, default_gguf_path
 
     if "+" in ref and not Path(ref).exists():  # BASE+ADAPTER (merge): check both parts
