@@ -5,7 +5,9 @@ base model is loaded once per study and reused (LoRA unloads its adapter after e
 TPE (Bergstra et al. 2011, https://papers.nips.cc/paper/4443; Optuna, Akiba et al. 2019,
 https://arxiv.org/abs/1907.10902), seeded; a MedianPruner stops trials whose periodic validation loss
 falls behind the median of earlier trials at the same step. The study lives in `<output>/study.db` unless
-`study` names another file, so `resume: true` continues it up to `trials` in total. The best trial's
+`study` names another file, so `resume: true` continues it up to `trials` in total: trials that completed or
+were pruned count, a failed or interrupted one does not (it is run again). The base model is scored once
+per study (kept in the study, for the forgetting report of every trial), not once per trial. The best trial's
 folder is copied to `<output>/best` with a run.json of command "tune". With `top_k_soup: k` the k best
 trials are also averaged weight by weight (a model soup, Wortsman et al. 2022, https://arxiv.org/abs/2203.05482)
 by the merge engine into `<output>/soup`, and its validation loss is reported beside the best trial's, so
@@ -15,6 +17,7 @@ the soup is kept only on the evidence.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -29,10 +32,15 @@ from rich.table import Table
 from lmforge import config as config_io
 from lmforge.data.sources import split_records
 from lmforge.errors import UserError
+from lmforge.eval.forgetting import report_tasks, score
 from lmforge.finetune.sft import SFTConfig, run_sft
 from lmforge.models.load import load_model
 from lmforge.outputs import staged_output
 from lmforge.report.record import RunMeter, read_run, run_record, write_json
+
+log = logging.getLogger("lmforge.tune")
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+"""Trial states that count towards `trials`: a failed or interrupted trial is run again."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,15 @@ def tune(
 
 def run_tune(cfg: TuneConfig, console: Console | None = None) -> TuneResults:
     """Run the missing trials of the study, print the trial table and export the best trial."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its [I ...]/[W ...] lines repeat what lmforge logs
+    try:
+        return _run_tune(cfg, console)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _run_tune(cfg: TuneConfig, console: Console | None) -> TuneResults:
     meter = RunMeter()
     _check(cfg)
     output = Path(cfg.output)
@@ -144,6 +161,7 @@ def run_tune(cfg: TuneConfig, console: Console | None = None) -> TuneResults:
     base = {f.name: getattr(cfg, f.name) for f in fields(SFTConfig)}
     base_overrides = [f"{k}={json.dumps(v)}" for k, v in config_io.to_dict(SFTConfig(**base)).items()]
     loaded = load_model(cfg.model)
+    base_scores = _base_scores(study, loaded, cfg)
 
     def objective(trial: optuna.Trial) -> float:
         folder = output / "trials" / f"trial-{trial.number}"
@@ -163,7 +181,7 @@ def run_tune(cfg: TuneConfig, console: Console | None = None) -> TuneResults:
                     raise optuna.TrialPruned(f"{cfg.metric} {losses[-1]:.4f} at step {entry['step']}")
 
         try:
-            run_sft(run_cfg, loaded=loaded, on_log=on_log)
+            run_sft(run_cfg, loaded=loaded, on_log=on_log, base_scores=base_scores)
         finally:
             trial.set_user_attr("steps", steps[0])
             shutil.rmtree(f"{folder}.work", ignore_errors=True)  # a pruned or failed trial's checkpoints
@@ -171,9 +189,16 @@ def run_tune(cfg: TuneConfig, console: Console | None = None) -> TuneResults:
             raise UserError("no validation loss was computed: set data.val_fraction so validation gets records")
         return min(losses)
 
-    missing = cfg.trials - len(_finished(study))
-    if missing > 0:
-        study.optimize(objective, n_trials=missing)
+    failed = 0
+    while (missing := cfg.trials - len(study.get_trials(deepcopy=False, states=COUNTED))) > 0:
+        started = len(study.get_trials(deepcopy=False))
+        study.optimize(objective, n_trials=missing, callbacks=[_log_trial])
+        # a trial that ends FAIL without raising (a NaN validation loss) is run again, but not forever
+        failed += sum(t.state == optuna.trial.TrialState.FAIL for t in study.get_trials(deepcopy=False)[started:])
+        if failed >= cfg.trials:
+            raise UserError(
+                f"{failed} trials of study {db} failed (NaN validation loss): narrow space.lr, then resume: true"
+            )
     (console or Console()).print(trials_table(study))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
@@ -239,9 +264,38 @@ def trials_table(study: optuna.Study) -> Table:
     return table
 
 
+def _base_scores(study: optuna.Study, loaded, cfg: TuneConfig) -> dict | None:
+    """The base model's scores on the report's tasks: computed once per study and kept in it, so neither the
+    trials nor a resumed run score the base again (unless the eval settings changed)."""
+    tasks = report_tasks(cfg.eval, cfg.data.task)
+    key = json.dumps([tasks, config_io.to_dict(cfg.eval)], sort_keys=True)
+    kept = study.user_attrs.get("base_scores")
+    if kept is None or kept["key"] != key:
+        scores = score(loaded, tasks, cfg.eval)
+        kept = {"key": key, "scores": None if scores is None else {"results": scores["results"]}}
+        study.set_user_attr("base_scores", kept)
+    return kept["scores"]
+
+
+def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per finished trial (in place of Optuna's own log lines)."""
+    row = _row(trial)
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        best = study.best_trial
+        log.info(
+            "trial %d: val_loss %.4f (best: trial %d, %.4f)", trial.number, row["val_loss"], best.number, best.value
+        )
+    elif trial.state == optuna.trial.TrialState.PRUNED:
+        log.info("trial %d pruned at step %s", trial.number, row["steps"])
+    else:
+        log.warning("trial %d failed (%s): it does not count towards trials", trial.number, trial.state.name)
+
+
 def _row(t: optuna.trial.FrozenTrial) -> dict:
+    """A trial's table row; a failed or interrupted trial shows no val_loss, a pruned one its last report."""
     last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
-    value = t.value if t.value is not None else last
+    pruned = t.state == optuna.trial.TrialState.PRUNED
+    value = t.value if t.state == optuna.trial.TrialState.COMPLETE else last if pruned else None
     return {
         "number": t.number,
         "state": t.state.name,
@@ -249,10 +303,6 @@ def _row(t: optuna.trial.FrozenTrial) -> dict:
         "val_loss": value,
         "steps": t.user_attrs.get("steps"),
     }
-
-
-def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
 
 
 def _check(cfg: TuneConfig) -> None:
