@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from lmforge import logs
 from lmforge.data.columns import parse_columns
 from lmforge.distill.command import distill_command
 from lmforge.errors import UserError
@@ -86,8 +87,8 @@ def finetune_command(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
     """Supervised fine-tuning (LoRA or full) with a forgetting report; flags override the config file."""
+    from lmforge import config as config_io
     from lmforge.finetune.sft import finetune
-    from lmforge.overrides import command_line
 
     flags = {
         "--model": ("model", model),
@@ -102,7 +103,7 @@ def finetune_command(
         "--overwrite": ("overwrite", overwrite),
         "--resume": ("resume", resume),
     }
-    folder = finetune(*command_line(args, flags))
+    folder = finetune(*config_io.command_line(args, flags))
     console.print(f"fine-tuned model in {folder}")
 
 
@@ -124,8 +125,8 @@ def dpo_command(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
     """Preference tuning (DPO or IPO), LoRA or full; flags override the config file."""
+    from lmforge import config as config_io
     from lmforge.finetune.dpo import dpo
-    from lmforge.overrides import command_line
 
     flags = {
         "--model": ("model", model),
@@ -140,7 +141,7 @@ def dpo_command(
         "--overwrite": ("overwrite", overwrite),
         "--resume": ("resume", resume),
     }
-    console.print(f"preference-tuned model in {dpo(*command_line(args, flags))}")
+    console.print(f"preference-tuned model in {dpo(*config_io.command_line(args, flags))}")
 
 
 @app.command("tune")
@@ -154,7 +155,6 @@ def tune_command(
     """Search SFT hyperparameters (Optuna TPE, median pruning); the best trial goes to <output>/best."""
     from lmforge import config as config_io
     from lmforge.finetune.search import TuneConfig, tune
-    from lmforge.overrides import command_line
 
     flags = {
         "--trials": ("trials", trials),
@@ -162,7 +162,7 @@ def tune_command(
         "--resume": ("resume", resume),
         "--overwrite": ("overwrite", overwrite),
     }
-    config, overrides = command_line(args, flags)
+    config, overrides = config_io.command_line(args, flags)
     cfg = config_io.resolve(config, TuneConfig, overrides)
     # A failed trial's exception is raised again after Optuna logs it with its traceback: report it once.
     logging.getLogger("optuna.study._optimize").addFilter(lambda record: not record.exc_info)
@@ -229,24 +229,25 @@ def data_preview(
     console.print(f"{path}: {len(records)} records, format {records[0]['format']}")
     console.print(records[0])
     if model:
-        from lmforge.data.chat import IGNORE_INDEX, render_example
+        from rich.text import Text
+
+        from lmforge.data.chat import mask_runs, render_example
         from lmforge.models.load import load_model
 
         tokenizer = load_model(model).tokenizer
-        example = render_example(tokenizer, records[0])
-        pieces = [
-            f"[green]{tokenizer.decode([t])}[/green]"
-            if label != IGNORE_INDEX
-            else f"[dim]{tokenizer.decode([t])}[/dim]"
-            for t, label in zip(example.input_ids, example.labels, strict=True)
-        ]
-        console.print("rendered ([green]trained[/green], [dim]masked[/dim]):")
-        console.print("".join(pieces), markup=True, highlight=False)
+        runs = mask_runs(tokenizer, render_example(tokenizer, records[0]))
+        if console.is_terminal:
+            console.print("rendered ([green]trained[/green], [dim]masked[/dim]):")
+            console.print(Text.assemble(*((text, "green" if trained else "dim") for text, trained in runs)))
+        else:  # piped: colours are dropped, so the trained text is marked in the text itself
+            console.print("rendered (trained text between ⟦ and ⟧, the rest masked):", highlight=False)
+            plain = "".join(f"⟦{text}⟧" if trained else text for text, trained in runs)
+            console.print(plain, markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line."""
-    logging.basicConfig(level=logging.INFO, format="lmforge: %(message)s", stream=sys.stderr)
+    logs.configure()
     try:
         app()
     except UserError as err:

@@ -12,6 +12,7 @@ from lmforge import config as config_io
 from lmforge.errors import UserError
 from lmforge.finetune.search import SearchSpace, TuneConfig, run_tune, sample_overrides
 from lmforge.finetune.sft import SFTConfig
+from lmforge.models.compat import checkpointing_rename_quiet
 from lmforge.models.load import load_model
 
 
@@ -63,7 +64,8 @@ def test_top_k_soup_averages_the_best_trials(tiny_llama, tmp_path):
     for row in top:
         adapter = tmp_path / "tune" / "trials" / f"trial-{row['number']}"
         base = load_model(tiny_llama, device="cpu").model
-        merged.append(PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict())
+        with checkpointing_rename_quiet():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+            merged.append(PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict())
     soup = load_model(results.soup, device="cpu").model.state_dict()
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(merged[0][name], merged[1][name])  # the trials really differ

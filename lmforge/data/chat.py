@@ -79,6 +79,19 @@ def render_example(tokenizer, record: dict, max_length: int | None = None, train
     return Example(ids, labels, truncated)
 
 
+def mask_runs(tokenizer, example: Example) -> list[tuple[str, bool]]:
+    """The example's text as runs of (text, trained): consecutive tokens with the same mask decoded together,
+    so a character split over tokens reads whole."""
+    runs: list[tuple[list[int], bool]] = []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], trained))
+    return [(tokenizer.decode(ids), trained) for ids, trained in runs]
+
+
 def _inside(position: int, spans: list[tuple[int, int]]) -> bool:
     return any(start <= position < end for start, end in spans)
 

@@ -13,6 +13,7 @@ import torch
 
 from lmforge import config as config_io
 from lmforge.errors import UserError
+from lmforge.models.compat import checkpointing_rename_quiet
 from lmforge.train.chunked import on_model_device
 
 
@@ -72,7 +73,8 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings):
         use_dora=settings.dora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with checkpointing_rename_quiet():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+        return get_peft_model(model, config)
 
 
 def merge_and_verify(peft_model, batches: list[dict], atol: float = 1e-3) -> torch.nn.Module:

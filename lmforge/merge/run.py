@@ -30,7 +30,8 @@ from lmforge.errors import UserError
 from lmforge.merge import config as merge_config
 from lmforge.merge import engine, expand, plan
 from lmforge.merge import vocab as vocab_io
-from lmforge.merge.methods import METHODS
+from lmforge.merge.methods import METHODS, REQUIRED
+from lmforge.models.compat import checkpointing_rename_quiet
 from lmforge.models.load import adapter_base, cache_dir, resolve_model
 from lmforge.outputs import CardTable, model_card, staged_output, write_run_files
 from lmforge.report.record import RunMeter, run_record
@@ -100,6 +101,7 @@ def merge(
     cfg = merge_config.read(config)
     if out.exists() and not overwrite and not explain:
         raise UserError(f"output folder {out} exists: pass --overwrite or choose another folder")
+    _check_required(cfg)  # before an adapter is merged, a model loaded or a bar drawn
     models = [plan.open_model(ref, resolve_input(ref)) for ref in cfg.referenced()]
     executed, soup_log = _executed(cfg, models, explain, opts["eval_limit"])
     models = [next(m for m in models if m.ref == ref) for ref in executed.referenced()]
@@ -225,7 +227,8 @@ def _merged_adapter(base: Path, adapter: Path, ref: str) -> Path:
 
     log.info("merging adapter %s into %s once (cached in %s)", adapter, base, target)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with checkpointing_rename_quiet():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)
@@ -255,16 +258,41 @@ def _numel(shape) -> int:
     return count
 
 
+def _check_required(cfg: merge_config.MergeConfig) -> None:
+    """A required method parameter that no model, slice or top-level entry sets is named before any input is
+    resolved (the planner, which needs the models' tensors, would name it per tensor only afterwards)."""
+    if cfg.merge_method not in METHODS:  # lmforge's own methods are rewritten first, then planned
+        return
+    slices = cfg.slices or ()
+    anywhere = set(cfg.parameters).union(*(s.parameters for s in slices))
+    sources = list(cfg.models or ()) + [source for s in slices for source in s.sources]
+    bases = {cfg.base_model} | {s.base_model for s in slices}
+    for param in METHODS[cfg.merge_method].params:
+        if param.default is not REQUIRED or param.name in anywhere:
+            continue
+        if param.scope == "shared":
+            lacking = ["every tensor"]
+        else:
+            needing = [s for s in sources if param.scope == "input" or s.model not in bases]
+            lacking = [s.model for s in needing if param.name not in s.parameters]
+        if lacking:
+            raise UserError(
+                f"{cfg.where}: missing parameter '{param.name}' for {lacking[0]}: set it in that model's "
+                "parameters or in the top-level parameters"
+            )
+
+
 def _print_explain(output: plan.Plan, models: list[plan.InputModel], cfg: merge_config.MergeConfig) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from lmforge.report.tables import table_console
 
     table = Table(title=f"{cfg.merge_method}: {len(output.tensors)} output tensors, {output.layers} layers (* = base)")
     for column in ("tensor", "t", "inputs", "shared parameters", "per-input parameters"):
         table.add_column(column)
     for row in plan.explain(output, models, cfg.merge_method):
         table.add_row(*row)
-    Console().print(table)
+    table_console().print(table)
 
 
 def _chat_template(choice: str | None, models: list[plan.InputModel]) -> str | None:

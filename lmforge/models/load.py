@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.errors import UserError
+from lmforge.models.compat import checkpointing_rename_quiet
 
 DEFAULT_REF = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -288,7 +289,8 @@ def _load_adapter(folder: Path, dtype: str, device: str, trust_remote_code: bool
 
     start = time.perf_counter()
     base = load_model(adapter_base(folder), dtype, device, trust_remote_code)
-    model = PeftModel.from_pretrained(base.model, folder).merge_and_unload().eval()
+    with checkpointing_rename_quiet():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+        model = PeftModel.from_pretrained(base.model, folder).merge_and_unload().eval()
     # An adapter trained on this merged model must name this adapter as its base, not the bare base model.
     # Saving one, PEFT looks for a config.json there to see whether the vocabulary was resized, and warns that
     # it found none; lmforge never resizes it, so the warning has nothing to say.

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge import config as config_io
+from lmforge import logs
 from lmforge.errors import UserError
 from lmforge.recipe import estimate as estimates
 from lmforge.recipe.kinds import KINDS, Kind
@@ -319,7 +319,7 @@ def _child_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="lmforge: %(message)s", stream=sys.stderr)
+    logs.configure()
     try:
         output = KINDS[args.kind].run(args.config, args.output, args.overwrite)
     except UserError as err:

@@ -24,6 +24,7 @@ from lmforge.outputs import staged_output
 from lmforge.report import html, plots
 from lmforge.report.record import RunMeter, run_record, write_json
 from lmforge.report.rows import LOWER_IS_BETTER, MIB, Comparison, Row, TableData
+from lmforge.report.tables import table_console
 
 HEADLINE = ("exact_match", "acc", "acc_norm", "perplexity", "bits_per_byte")
 FAMILIES = {"finetune": "fine-tuning", "distill": "distillation", "merge": "merge"}
@@ -44,6 +45,8 @@ def headline(metrics: dict) -> dict | None:
 
 def read_record(folder: Path) -> dict:
     path = folder / "run.json"
+    if not folder.exists():
+        raise UserError(f"run folder {folder} does not exist: check the path (a typo, or a run not made yet)")
     if not path.is_file():
         raise UserError(f"{folder} has no run.json: pass folders written by lmforge commands (eval, finetune, ...)")
     try:
@@ -261,6 +264,13 @@ def _mb(value) -> str:
     return "-" if value is None else f"{value / MIB:,.0f} MiB"
 
 
+def _params(count) -> str:
+    """Parameters in M, or in K under 0.1 M (a tiny model is '20.6 K', not '0.0 M')."""
+    if count is None:
+        return "-"
+    return f"{count / 1e3:.1f} K" if count < 1e5 else f"{count / 1e6:.1f} M"
+
+
 def _seconds(value) -> str:
     if value is None:
         return "-"
@@ -278,7 +288,7 @@ def footprint_table(rows: list[Row]) -> TableData:
         body.append(
             [
                 row.label,
-                "-" if params is None else f"{params / 1e6:.1f} M",
+                _params(params),
                 _mb(fp.get("size_bytes")),
                 _fmt(fp.get("ms_per_token"), 1),
                 _mb(fp.get("peak_rss_bytes")),
@@ -510,7 +520,7 @@ def to_rich(table: TableData) -> Table:
 
 def print_comparison(comparison: Comparison, console: Console | None = None) -> None:
     """The tables on the terminal; the model-by-model method table, too wide for one, as its verdicts."""
-    console = console or Console()
+    console = table_console(console)
     for table in comparison.tables[:-1]:
         console.print(to_rich(table))
     for label, verdict in comparison.verdicts.items():

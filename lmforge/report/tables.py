@@ -1,9 +1,25 @@
-"""Terminal tables: the scores and footprint of a results dict, readable at a glance."""
+"""Terminal tables: the scores and footprint of a results dict, readable at a glance.
+
+Piped or redirected, rich fits tables to 80 columns and cuts long cells (`model.layers.0…`), which helps
+nobody reading a file; `table_console` gives such output a console as wide as the tables need.
+"""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+
+PIPED_WIDTH = 10_000
+"""Columns of a console that is not a terminal: wide enough that no table cell is cut or wrapped."""
+
+
+def table_console(console: Console | None = None) -> Console:
+    """`console` (default: stdout) on a terminal; otherwise a console writing to the same file whose width
+    never cuts a table cell (a table is as wide as its content, not as the console)."""
+    console = console or Console()
+    if console.is_terminal:
+        return console
+    return Console(file=console.file, width=PIPED_WIDTH, no_color=console.no_color, highlight=False)
 
 
 def _format(value) -> str:
@@ -54,7 +70,7 @@ def footprint_table(footprint: dict) -> Table:
 
 
 def print_results(results: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = table_console(console)
     console.print(scores_table(results))
     if results.get("footprint"):
         console.print(footprint_table(results["footprint"]))

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from lmforge import config as config_io
 from lmforge.errors import UserError
+from lmforge.models.compat import checkpointing_rename_quiet
 from lmforge.train.allocator import return_freed_memory_to_os
 from lmforge.train.in_backward import StepInBackward
 from lmforge.train.tied import densify_gradients, lean_tied_embedding
@@ -426,7 +427,8 @@ def _optimizer(params: list[torch.Tensor], cfg: TrainConfig):
 def _checkpointed(model: torch.nn.Module) -> Iterator[None]:
     """Activation checkpointing per decoder layer while training (transformers' own, non-reentrant)."""
     try:  # transformers (and PEFT, which passes it on) decides which models support it
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with checkpointing_rename_quiet():
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     except (ValueError, AttributeError) as error:
         raise UserError(
             f"{type(model).__name__} does not support train.gradient_checkpointing ({error}): set it to false"
@@ -434,7 +436,8 @@ def _checkpointed(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        with checkpointing_rename_quiet():
+            model.gradient_checkpointing_disable()
 
 
 def _tensorboard(work_dir: Path):
