@@ -6,7 +6,7 @@ The public API is the names in `__all__`. Each is imported on first use (PEP 562
 `distill`, `merge`, `evaluate`, `run`) take their config the same way: a YAML path, a dict, or the keys as
 keyword arguments, plus "key.sub=value" overrides (lmforge/config.py `resolve`).
 
-`finetune`, `distill` and `merge` are also subpackages, and Python binds a subpackage to its parent's
+`finetune`, `distill`, `edit` and `merge` are also subpackages, and Python binds a subpackage to its parent's
 attribute when it is first imported, hiding the function. So they are imported here first (their
 `__init__.py` files import nothing) and their names removed again: a later `import lmforge.merge.run` finds
 the package in `sys.modules` and leaves `lmforge.merge` to `__getattr__`. Import from them with
@@ -31,6 +31,7 @@ _API = {
     "tune": "lmforge.finetune.search:tune",
     "distill": "lmforge.distill.run:distill",
     "merge": "lmforge.merge.run:merge",
+    "edit": "lmforge.edit.run:edit",
     "run": "lmforge.recipe.runner:run_recipe",
     "run_recipe": "lmforge.recipe.runner:run_recipe",
     "load_records": "lmforge.data.sources:load_records",
@@ -44,7 +45,7 @@ _API = {
 }
 __all__ = sorted(_API)
 
-for _package in ("distill", "finetune", "merge"):
+for _package in ("distill", "edit", "finetune", "merge"):
     importlib.import_module(f"{__name__}.{_package}")
     del globals()[_package]
 del _package

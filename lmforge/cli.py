@@ -144,6 +144,47 @@ def dpo_command(
     console.print(f"preference-tuned model in {dpo(*config_io.command_line(args, flags))}")
 
 
+@app.command("edit")
+def edit_command(
+    args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key.sub=value ...]")] = None,
+    method: Annotated[str | None, typer.Option(help="profs")] = None,
+    data: Annotated[str | None, typer.Option(help="preference data file (prompt, chosen, rejected)")] = None,
+    out: Annotated[str | None, typer.Option(help="output model folder")] = None,
+    model: Annotated[str | None, typer.Option(help="model reference (default: 'default')")] = None,
+    k: Annotated[int | None, typer.Option(help="dimensions removed per layer (default 2)")] = None,
+    layers: Annotated[str | None, typer.Option(help="layer indices, e.g. 15,16,17 (default: upper half)")] = None,
+    columns: Annotated[str | None, typer.Option(help="map your keys, e.g. chosen=good,rejected=bad")] = None,
+    limit: Annotated[int | None, typer.Option(help="use N pairs drawn at random")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+) -> None:
+    """Edit a model from preference pairs without training (ProFS); flags override the config file."""
+    from lmforge.edit.run import edit
+    from lmforge.overrides import command_line
+
+    flags = {
+        "--method": ("method", method),
+        "--data": ("data", data),
+        "--out": ("output", out),
+        "--model": ("model", model),
+        "--k": ("k", k),
+        "--layers": ("layers", _layer_list(layers)),
+        "--columns": ("columns", parse_columns(columns)),
+        "--limit": ("limit", limit),
+        "--overwrite": ("overwrite", overwrite),
+    }
+    console.print(f"edited model in {edit(*command_line(args, flags))}")
+
+
+def _layer_list(text: str | None) -> list[int] | None:
+    """--layers '15,16,17' -> [15, 16, 17]."""
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"bad --layers '{text}': write layer indices separated by commas, e.g. 15,16,17") from None
+
+
 @app.command("tune")
 def tune_command(
     args: Annotated[list[str], typer.Argument(help="CONFIG.yaml [key.sub=value ...]")],

@@ -1,0 +1,203 @@
+"""`lmforge edit`: training-free editing of a model from preference pairs (ProFS), into a normal model folder.
+
+Reads top to bottom: check the config, find the MLP output projections and the layers to edit (before the
+pairs load, so a bad layer costs nothing), load and subsample the pairs (whole records, so a pair's two sides
+never separate), render both sides the way `lmforge dpo` does (chat template, prompt included, EOS), read
+every edited layer's sentence embeddings from the unedited model, compute each layer's unwanted subspace and
+project it out of that layer's `mlp.down_proj`, then write the folder: weights, tokenizer, lmforge.yaml,
+run.json (with the pairs' log-likelihood margin before and after) and a model card. The forgetting report
+(eval:) is the same as the training commands'. Method: lmforge/edit/profs.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lmforge import config as config_io
+from lmforge.data.chat import render_example
+from lmforge.data.sources import load_records
+from lmforge.edit import profs
+from lmforge.edit.toxicity import preference_margin
+from lmforge.errors import UserError
+from lmforge.eval.forgetting import EvalSettings, forgetting_table, print_forgetting, report_tasks, score
+from lmforge.eval.run import metrics_of
+from lmforge.models.load import load_model
+from lmforge.outputs import CardTable, model_card, save_model, staged_output, write_run_files
+from lmforge.report.record import RunMeter, run_record
+
+log = logging.getLogger("lmforge.edit")
+MARGIN_PAIRS = 64
+"""Pairs the before/after log-likelihood margin is measured on (the first of the pairs used)."""
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """A training-free edit from preference pairs."""
+
+    output: str
+    """Output model folder."""
+    data: str | None = None
+    """Preference pairs file or folder: records {prompt, chosen, rejected}."""
+    model: str = "default"
+    """Model reference: default, a folder, a .gguf file or a hub id."""
+    method: Literal["profs"] = "profs"
+    """profs: project the pairs' unwanted subspace out of MLP output weights (arXiv 2405.13967)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Canonical key -> your key, e.g. {chosen: good, rejected: bad}."""
+    layers: list[int] | None = None
+    """Layer indices to edit; default the upper half of the model's layers."""
+    k: int = 2
+    """Dimension of the unwanted subspace removed per layer (0 leaves the model unchanged)."""
+    centre: bool = True
+    """Project the differences off the mean preferred embedding first (the paper's centring)."""
+    limit: int | None = None
+    """Use N pairs drawn at random with `seed` (all when unset)."""
+    seed: int = 0
+    """Seed of the pair subsample."""
+    max_length: int = 256
+    """Longer rendered texts are truncated."""
+    batch_size: int = 16
+    """Texts per forward pass when reading embeddings."""
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    overwrite: bool = False
+    """Replace an existing output folder."""
+
+    def __post_init__(self) -> None:
+        config_io.at_least(self, "k", 0)
+        config_io.at_least(self, "limit", 1)
+        config_io.at_least(self, "max_length", 2)
+        config_io.at_least(self, "batch_size", 1)
+
+
+def edit(
+    config: str | Path | Mapping[str, Any] | EditConfig | None = None, overrides: Sequence[str] = (), **settings: Any
+) -> Path:
+    """Edit a model from preference pairs without training (ProFS) and write its folder; returns the folder.
+
+    Args:
+        config: a YAML file, a dict of the same keys, an EditConfig, or None (defaults).
+        overrides: "key.sub=value" strings, as on the command line.
+        settings: config keys as keyword arguments, applied last, e.g. output="runs/edit", data="pairs.jsonl",
+            k=2, layers=[20, 21].
+    """
+    return run_edit(config_io.resolve(config, EditConfig, overrides, **settings))
+
+
+def select_pairs(records: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """`limit` whole records drawn with `seed`, in file order (all of them without a limit)."""
+    if limit is None or limit >= len(records):
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
+
+
+def load_pairs(cfg: EditConfig) -> list[dict]:
+    """The preference records of cfg.data; any other format is a user error."""
+    records = load_records(cfg.data, columns=cfg.columns or None)
+    if records[0]["format"] != "preference":
+        raise UserError(
+            f"{cfg.data} holds {records[0]['format']} records, not preference pairs: edit needs prompt, chosen and "
+            "rejected per record (map yours with columns, e.g. --columns chosen=good,rejected=bad)"
+        )
+    return select_pairs(records, cfg.limit, cfg.seed)
+
+
+def render_side(tokenizer, pair: dict, side: str, max_length: int) -> list[int]:
+    """Token ids of prompt + one side's completion, rendered as `lmforge dpo` renders it."""
+    return render_example(tokenizer, {"prompt": pair["prompt"], "completion": pair[side]}, max_length).input_ids
+
+
+def pair_embeddings(model, tokenizer, pairs: list[dict], layer_names: dict[int, str], cfg: EditConfig):
+    """Per layer, the (pairs, dim) embeddings of the chosen and of the rejected sides, rows aligned by pair."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sides: dict[str, dict[int, list[torch.Tensor]]] = {"chosen": {}, "rejected": {}}
+    tokens = 0
+    for side, per_layer in sides.items():
+        rows = [render_side(tokenizer, pair, side, cfg.max_length) for pair in pairs]
+        tokens += sum(map(len, rows))
+        for start in range(0, len(rows), cfg.batch_size):
+            chunk = rows[start : start + cfg.batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in chunk])
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in chunk])
+            for layer, emb in profs.sentence_embeddings(model, ids, mask, layer_names).items():
+                per_layer.setdefault(layer, []).append(emb)
+    chosen = {layer: torch.cat(parts) for layer, parts in sides["chosen"].items()}
+    rejected = {layer: torch.cat(parts) for layer, parts in sides["rejected"].items()}
+    return chosen, rejected, tokens
+
+
+def run_edit(cfg: EditConfig) -> Path:
+    """Edit (ProFS), report the margin and forgetting, and write the output folder; returns its path."""
+    meter = RunMeter()
+    if not cfg.data:
+        raise UserError("data is required: a preference file with prompt, chosen and rejected per record (--data)")
+    output = Path(cfg.output)
+    if output.exists() and not cfg.overwrite:
+        raise UserError(f"output folder {output} exists: set overwrite: true (or --overwrite), or choose another")
+    loaded = load_model(cfg.model)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    available = profs.find_projections(model)
+    upper_half = list(available)[len(available) // 2 :]
+    layers = profs.check_layers(cfg.layers if cfg.layers is not None else upper_half, list(available))
+    pairs = load_pairs(cfg)
+    if cfg.k > len(pairs):
+        raise UserError(f"k={cfg.k} needs at least {cfg.k} pairs, {cfg.data} gives {len(pairs)}: lower k or add pairs")
+
+    margin_pairs = pairs[:MARGIN_PAIRS]
+    margin_before = preference_margin(model, tokenizer, margin_pairs, cfg.max_length)
+    tasks = report_tasks(cfg.eval)
+    before = score(loaded, tasks, cfg.eval)
+    layer_names = {layer: available[layer] for layer in layers}
+    chosen, rejected, tokens = pair_embeddings(model, tokenizer, pairs, layer_names, cfg)
+    bases = {layer: profs.unwanted_subspace(chosen[layer], rejected[layer], cfg.k, cfg.centre) for layer in layers}
+    profs.apply_edit(model, bases, layer_names)
+    margin_after = preference_margin(model, tokenizer, margin_pairs, cfg.max_length)
+    after = score(loaded, tasks, cfg.eval)
+    print_forgetting(before, after, "edited")
+    log.info(
+        "log p(rejected) - log p(chosen) on %d pairs: %.3f -> %.3f", len(margin_pairs), margin_before, margin_after
+    )
+
+    with staged_output(output, overwrite=cfg.overwrite) as staging:
+        save_model(staging, model, tokenizer)
+        record = run_record(
+            "edit",
+            cfg.method,
+            meter,
+            inputs={"model": {"ref": cfg.model, "folder": str(loaded.folder)}},
+            data={"path": cfg.data, "pairs": len(pairs)},
+            config=config_io.to_dict(cfg),
+            tokens_seen=tokens,
+            params_total=sum(p.numel() for p in model.parameters()),
+            params_trainable=0,
+            metrics=metrics_of(after) if after else {},
+        )
+        record["base_metrics"] = metrics_of(before) if before else {}
+        record["edit"] = {"layers": layers, "k": cfg.k, "centre": cfg.centre}
+        record["preference"] = {
+            "pairs": len(margin_pairs),
+            "margin_before": margin_before,
+            "margin_after": margin_after,
+        }
+        write_run_files(staging, cfg, record, _model_card(cfg, layers, record["preference"], before, after))
+    return output
+
+
+def _model_card(cfg: EditConfig, layers: list[int], margin: dict, before: dict | None, after: dict | None) -> str:
+    sentence = (
+        f"Edited from `{cfg.model}` by lmforge without training (ProFS, arXiv 2405.13967): a {cfg.k}-dimensional "
+        f"unwanted subspace projected out of the MLP output weights of layers {layers[0]}..{layers[-1]}."
+    )
+    rows = [[str(margin["pairs"]), f"{margin['margin_before']:+.3f}", f"{margin['margin_after']:+.3f}"]]
+    table = CardTable(
+        ["pairs", "margin before", "margin after"], rows, "log p(rejected) - log p(chosen), lower is better"
+    )
+    return model_card(Path(cfg.output).name, sentence, [table, forgetting_table(before, after, "edited")])
