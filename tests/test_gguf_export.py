@@ -233,3 +233,93 @@ def test_export_gguf_is_public_api():
     import lmforge
 
     assert lmforge.export_gguf is export_gguf and "export_gguf" in lmforge.__all__
+
+
+QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?",
+    "Name three primary colours.", "What is 12 times 7?", "Give me a synonym for happy.",
+    "Why is the sky blue?", "Translate 'good morning' into Spanish.", "What does a thermometer measure?",
+    "List two planets in our solar system.", "What is the opposite of cold?", "Who wrote Romeo and Juliet?",
+    "How do you boil an egg?", "What is photosynthesis?", "Suggest a name for a pet cat.",
+    "What is the largest ocean on Earth?", "Explain what a verb is.", "How many days are in a leap year?",
+    "What colour are bananas when ripe?", "Describe a rainbow in one sentence.",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_default_model_round_trip(tmp_path):
+    """Acceptance on SmolLM2-135M-Instruct, 20 chat prompts, 32 greedy tokens each.
+
+    The f16 file must give exactly the generations of the source with its weights rounded to f16, and logits
+    within f16 tolerance of the float32 source; a generation that still differs from the float32 source's
+    turns where f16 rounding flips a near tie (the margin is printed). q8_0 must stay close per token.
+    """
+    source = load_model("default", device="cpu")
+    paths = {kind: export_gguf("default", tmp_path / f"smollm2-{kind}.gguf", kind) for kind in ("f16", "q8_0")}
+    assert read_gguf_metadata(paths["f16"])["tokenizer.chat_template"] == source.tokenizer.chat_template
+    f16, q8_0 = (load_model(paths[kind], device="cpu") for kind in ("f16", "q8_0"))
+    prompts = [
+        source.tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in QUESTIONS
+    ]
+    assert [f16.tokenizer(p)["input_ids"] for p in prompts] == [source.tokenizer(p)["input_ids"] for p in prompts]
+    rounded = SimpleNamespace(model=f16_rounded(source.model))
+    generations = {
+        name: batch_greedy(loaded.model, source.tokenizer, prompts, 32)
+        for name, loaded in (("source", source), ("rounded", rounded), ("f16", f16), ("q8_0", q8_0))
+    }
+    assert generations["f16"] == generations["rounded"]
+
+    gaps, margins = {"f16": 0.0, "q8_0": 0.0}, []
+    for prompt, tokens, f16_tokens in zip(prompts, generations["source"], generations["f16"], strict=True):
+        prompt_ids = source.tokenizer(prompt)["input_ids"]
+        ids = torch.tensor([prompt_ids + tokens])
+        expected = logits(source.model, ids)
+        for kind, loaded in (("f16", f16), ("q8_0", q8_0)):
+            gaps[kind] = max(gaps[kind], (logits(loaded.model, ids) - expected).abs().max().item())
+        if f16_tokens != tokens:
+            step = next(i for i, (a, b) in enumerate(zip(tokens, f16_tokens, strict=True)) if a != b)
+            top = expected[0, len(prompt_ids) + step - 1].topk(2).values
+            margins.append((step, round((top[0] - top[1]).item(), 4)))
+    same = {kind: sum(a == b for a, b in zip(generations[kind], generations["source"], strict=True)) for kind in gaps}
+    sizes = {kind: path.stat().st_size for kind, path in paths.items()}
+    print(f"\nidentical to float32 source (of 20): {same}; f16 divergences (token, source top-2 margin): {margins}")
+    print(f"max per-token logit gap vs float32 source: {gaps}; bytes on disk: {sizes}")
+    assert gaps["f16"] < 0.1 and gaps["q8_0"] < 1.0
+    assert sizes["q8_0"] < 0.6 * sizes["f16"]
+
+
+def batch_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], tokens: int) -> list[list[int]]:
+    """Greedy continuations of left-padded prompts, exactly `tokens` long (eos does not stop them)."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+        )  # fmt: skip
+    return out[:, batch["input_ids"].shape[1] :].tolist()
+
+
+def test_recipe_export_step_feeds_a_later_step(tiny_llama, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from lmforge.recipe.runner import run_recipe
+
+    steps = [
+        {"name": "gguf", "kind": "export", "config": {"model": str(tiny_llama), "type": "q8_0"}},
+        {
+            "name": "check",
+            "kind": "eval",
+            "config": {"model": "${steps.gguf.output}", "tasks": ["dates"], "limit": 2, "footprint": False},
+        },
+    ]
+    root = run_recipe(steps=steps, output=str(tmp_path / "out"), isolate=False, console=Console(file=io.StringIO()))
+    assert tensor_types(root / "gguf" / "gguf.gguf")["blk.0.attn_q.weight"] == "Q8_0"
+    assert (root / "check" / "results.json").is_file()
+    with pytest.raises(UserError, match="step 'gguf'.*q4_0"):
+        run_recipe(steps=[{**steps[0], "config": {"model": str(tiny_llama), "type": "q4_0"}}], dry_run=True)

@@ -5,7 +5,8 @@ schema), which keys name models (checked to exist), where the output folder goes
 (`estimate.py`) and how to run it: `run(config_file, output, overwrite) -> output`, a call to the public
 API with the YAML file the runner wrote. finetune, distill and merge are the commands of those names;
 `eval` is `run_eval`; `data` writes built-in task records as files; `select` picks the best model among
-eval runs (so a recipe can distill "the best merge"); `compare` writes the report. A kind whose module
+eval runs (so a recipe can distill "the best merge"); `compare` writes the report; `export` writes a
+model as one GGUF file (its output is that file, so later steps can load it). A kind whose module
 is not installed is refused before any step runs.
 """
 
@@ -121,6 +122,18 @@ class DataStep:
     """Set by the runner."""
 
 
+@dataclass(frozen=True)
+class ExportStep:
+    """An `export` step: `export_gguf` of a llama model to OUTPUT/NAME/NAME.gguf (`lmforge export --gguf`)."""
+
+    model: str
+    """Model reference or a step's output (a LoRA adapter is merged into its base first)."""
+    type: Literal["f16", "q8_0"] = "f16"
+    """f16: matrices as float16; q8_0: 8-bit blocks, about half the size."""
+    output: str | None = None
+    """Set by the runner: the folder that holds the file."""
+
+
 def _checker(cls_path: str) -> Callable[[dict, str], None]:
     """A check that builds the command's config dataclass from the step's config."""
 
@@ -189,6 +202,16 @@ def _run_data(config_file: Path, output: Path, overwrite: bool) -> Path:
     return output
 
 
+def _run_export(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from lmforge.models.gguf_export import export_gguf
+    from lmforge.outputs import staged_output
+
+    step = config_io.load(config_file, ExportStep)
+    with staged_output(output, overwrite) as staging:
+        export_gguf(step.model, staging / f"{output.name}.gguf", step.type)
+    return output / f"{output.name}.gguf"
+
+
 def _run_select(config_file: Path, output: Path, overwrite: bool) -> Path:
     from lmforge.recipe.select import select_best
 
@@ -253,4 +276,9 @@ KINDS: dict[str, Kind] = {
     "data": Kind(run=_run_data, check=_checker("lmforge.recipe.kinds:DataStep"), estimate=estimate.data),
     "select": Kind(run=_run_select, check=_check_select, estimate=estimate.select),
     "compare": Kind(run=_run_compare, check=_checker("lmforge.recipe.kinds:CompareStep")),
+    "export": Kind(
+        run=_run_export,
+        check=_checker("lmforge.recipe.kinds:ExportStep"),
+        models=lambda config: models_at(config, "model"),
+    ),
 }
