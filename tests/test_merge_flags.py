@@ -116,7 +116,11 @@ def test_allow_crimes_still_refuses_mixed_architectures(monkeypatch, capsys, tmp
     other = shutil.copytree(models[2], tmp_path / "mistral")
     edit_config(other, model_type="mistral", architectures=["MistralForCausalLM"])
     config = tmp_path / "crime.yaml"
-    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(models[1]), str(other)]}))
+    config.write_text(
+        yaml.safe_dump(
+            {"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [str(models[1]), str(other)]}
+        )
+    )
     code, _, err = run_cli(
         monkeypatch, capsys, "merge", str(config), str(tmp_path / "out"), "--quiet", "--allow-crimes"
     )
