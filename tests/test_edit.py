@@ -200,6 +200,10 @@ def test_builtin_pairs_are_flagged_only_on_the_unwanted_side():
     heldout = toxicity.heldout_prompts()
     assert len(heldout) == 128 and not any(toxicity.flagged(u + " " + o) for u, o in heldout)
     assert not {p["prompt"] for p in pairs} & {u for u, _ in heldout}
+    held_pairs = toxicity.heldout_pairs()
+    assert len(held_pairs) == 32 and not {p["prompt"] for p in pairs} & {p["prompt"] for p in held_pairs}
+    assert all(toxicity.flagged(p["rejected"]) and not toxicity.flagged(p["chosen"]) for p in held_pairs)
+    assert toxicity.flagged("What the FUCK.") and toxicity.flagged("a blow job") and not toxicity.flagged("hello")
 
 
 def test_margin_is_rejected_minus_chosen(tiny_llama):

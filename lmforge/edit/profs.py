@@ -85,7 +85,8 @@ def sentence_embeddings(model: nn.Module, ids: Tensor, mask: Tensor, layer_names
     handles = [model.get_submodule(name).register_forward_hook(keep(i)) for i, name in layer_names.items()]
     try:
         device = next(model.parameters()).device
-        model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        # The decoder alone: the layers' outputs are all that is read, so the LM head's logits are never formed.
+        model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
         for handle in handles:
             handle.remove()
