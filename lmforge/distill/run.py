@@ -29,8 +29,8 @@ from lmforge import config as config_io
 from lmforge.data.chat import IGNORE_INDEX, chat_prompt
 from lmforge.data.prepare import DataSettings, tokenize, training_records
 from lmforge.data.sources import split_records
+from lmforge.distill import prune, signals
 from lmforge.distill import rationale as step_by_step
-from lmforge.distill import signals
 from lmforge.distill import student as students
 from lmforge.distill.objectives import DenseTeacher, Objective, check_objectives, distill_loss
 from lmforge.distill.rationale import RationaleSettings
@@ -70,6 +70,8 @@ class DistillConfig:
     """Which teacher layers a built student keeps (measured: the drop that hurts least on a calibration batch)."""
     student_intermediate: int | None = None
     """Narrower MLP width for a built student (null: the teacher's)."""
+    width: prune.WidthSettings = field(default_factory=prune.WidthSettings)
+    """Width pruning of a built student (Minitron): its shape, or its share of the teacher's parameters."""
     method: Literal["full", "lora"] = "full"
     """Train every student weight, or a LoRA adapter merged into the student at the end."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -96,6 +98,10 @@ class DistillConfig:
         check_objectives(self.objectives)
         both = "cannot go with student: give student (a model) or student_layers (teacher layers kept), not both"
         config_io.require(self.student is None or self.student_layers is None, "student_layers", both)
+        given = "cannot go with student (a given model): width prunes a student built from the teacher"
+        config_io.require(self.student is None or not self.width.enabled, "width", given)
+        twice = "cannot go with width.intermediate_size: set the MLP width once"
+        config_io.require(self.student_intermediate is None or self.width.intermediate_size is None, "width", twice)
         for name in ("student_layers", "student_intermediate", "chunk_size"):
             config_io.at_least(self, name, 1)
         packs_generated = self.data.packing and (self.signal.kind == "on_policy" or self.rationale.enabled)
@@ -227,12 +233,14 @@ def _build_student(cfg, teacher_loaded: LoadedModel, calibration: dict, work: Pa
         del random_init
         return model, tokenizer, vocab, baseline, {"ref": cfg.student}
     total = len(students.decoder_layers(teacher))
-    keep = cfg.student_layers or max(total // 2, 1)
-    if keep >= total:
+    keep = cfg.student_layers or (total if cfg.width.enabled else max(total // 2, 1))
+    if keep > total or (keep == total and not cfg.width.enabled):
         raise UserError(f"student_layers={keep} keeps every one of the teacher's {total} layers: choose fewer")
     chosen = work / "student.json"
     candidates: list[dict] = []
-    if cfg.resume and chosen.is_file():
+    if keep == total:  # width pruning only
+        layers = list(range(total))
+    elif cfg.resume and chosen.is_file():
         layers = json.loads(chosen.read_text())["layers"]
     elif cfg.layer_rule == "measured":
         layers, candidates = students.measured_layers(
@@ -249,6 +257,7 @@ def _build_student(cfg, teacher_loaded: LoadedModel, calibration: dict, work: Pa
         )
     else:
         layers = students.LAYER_RULES[cfg.layer_rule](total, keep)
+    shape = students.width_shape(teacher, len(layers), cfg.width) if cfg.width.enabled else None
     work.mkdir(parents=True, exist_ok=True)
     chosen.write_text(json.dumps({"layers": layers, "candidates": candidates}))
     importance = students.mlp_importance(teacher, calibration) if cfg.student_intermediate else None
@@ -258,6 +267,12 @@ def _build_student(cfg, teacher_loaded: LoadedModel, calibration: dict, work: Pa
     baseline = students.quality(model, teacher, calibration, vocab)  # before the teacher's weights go in
     students.copy_teacher_weights(model, teacher, layers, importance)
     description = {"from_teacher_layers": layers, "rule": cfg.layer_rule, "intermediate": cfg.student_intermediate}
+    if shape is not None:  # the random-init baseline is then one of the pruned shape
+        model = students.width_pruned(model, calibration, shape)
+        baseline = students.quality(
+            students.random_student(model.config, cfg.train.seed).to(device), teacher, calibration, vocab
+        )
+        description["width"] = dataclasses.asdict(shape)
     return model, teacher_loaded.tokenizer, vocab, baseline, description
 
 

@@ -8,6 +8,8 @@ least wins. Measured on SmolLM2-135M, every other layer starts worse than a rand
 vs 11.05), first-and-last quarters far better: a rule that measures cannot pick the first by accident.
 A narrower MLP keeps, per layer, the intermediate channels with the largest mean |activation| x ||down_proj
 column|| on the calibration batch (activation-based importance as in Minitron, Muralidharan et al. 2024).
+Width pruning (distill/prune.py, Minitron) narrows a built student after its layers are picked: hidden size,
+MLP width and query heads, scored on the same calibration batch by the depth-picked model itself.
 The pre-flight "init quality" line compares the student's CE and KL with a random init of the same shape.
 """
 
@@ -21,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmforge.data.chat import IGNORE_INDEX
+from lmforge.distill import prune
 from lmforge.distill.objectives import DenseTeacher, Objective, distill_loss
 from lmforge.errors import UserError
 from lmforge.eval.scoring import LOGIT_TRANSFORMS
@@ -225,3 +228,27 @@ def copy_teacher_weights(student, teacher, layers: list[int], importance: list[t
         attention = getattr(layer, "self_attn", None)
         if attention is not None and hasattr(attention, "layer_idx"):
             attention.layer_idx = i
+
+
+def width_shape(teacher, layers: int, width: prune.WidthSettings) -> prune.Shape:
+    """The pruned student's shape for `width` (checked against the teacher, before anything is written)."""
+    prune.check_model(teacher)
+    return prune.target_shape(teacher.config, layers, width, sum(p.numel() for p in teacher.parameters()))
+
+
+def width_pruned(model, calibration: dict, shape: prune.Shape):
+    """`model` narrowed to `shape`, keeping the units with the largest activations on `calibration`."""
+    before = model.config
+    pruned = prune.prune(model, prune.choose(prune.importance(model, [calibration]), before, shape))
+    log.info(
+        "width pruning: hidden %d -> %d, MLP %d -> %d, query heads %d -> %d (%d -> %d parameters)",
+        before.hidden_size,
+        shape.hidden_size,
+        before.intermediate_size,
+        shape.intermediate_size,
+        before.num_attention_heads,
+        shape.num_attention_heads,
+        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in pruned.parameters()),
+    )
+    return pruned
