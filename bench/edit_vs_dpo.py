@@ -45,7 +45,7 @@ def score(ref: str, args) -> dict:
     start = time.perf_counter()
     loaded = load_model(ref)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    prompts = toxicity.heldout_prompts()[:: 128 // args.prompts]
+    prompts = random.Random(0).sample(toxicity.heldout_prompts(), args.prompts)  # every opening, every situation
     unwanted = toxicity.unwanted_rate(model, tokenizer, prompts, max_new_tokens=args.new_tokens)
     margin = toxicity.preference_margin(model, tokenizer, toxicity.heldout_pairs()[: args.margin_pairs])
     probe = metrics_of(evaluate(loaded, ["probe"], limit=args.probe_docs, footprint=False))["probe"]
@@ -80,12 +80,12 @@ def main() -> None:
     parser.add_argument("--dpo-batch", type=int, default=4, help="pairs per DPO step")
     parser.add_argument("--dpo-lr", type=float, default=5e-4)
     parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--prompts", type=int, default=32, help="held-out prompts generated from (of 128)")
+    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts generated from (of 128)")
     parser.add_argument("--new-tokens", type=int, default=6)
-    parser.add_argument("--margin-pairs", type=int, default=16)
-    parser.add_argument("--probe-docs", type=int, default=3)
+    parser.add_argument("--margin-pairs", type=int, default=8)
+    parser.add_argument("--probe-docs", type=int, default=1)
     parser.add_argument("--task", default="dates")
-    parser.add_argument("--task-limit", type=int, default=20)
+    parser.add_argument("--task-limit", type=int, default=5)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lmforge-edit-vs-dpo"))
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "edit_vs_dpo.json")
     args = parser.parse_args()
