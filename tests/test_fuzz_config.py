@@ -8,7 +8,7 @@ Each input must give a config or a `UserError` whose message is one line naming 
 key; any other exception is a traceback the user would see, and fails. About half the generated documents are
 near-valid (a loading config with a few keys changed), so checks past the first type check get a turn.
 Inputs are derandomized (a fixed seed, no example database). `pytest -s` prints the counts; on 2026-12-06 a run
-tried 1358 generated configs (1200 to 1240 refused with one line, the rest loaded) in about 20 s of CPU.
+tried 1360 generated configs (1200 to 1240 refused with one line, the rest loaded) in about 20 s of CPU.
 """
 
 from __future__ import annotations
@@ -381,6 +381,8 @@ def near_valid_recipe(draw) -> dict:
 @given(doc=near_valid_recipe() | RECIPES)
 @example(doc={"steps": [{"name": "a", "kind": "eval", "config": {"model": HUGE, "tasks": ["dates"]}}]})
 @example(doc={"steps": [{"name": "a", "kind": "eval", "config": {"model": "a\nb", "tasks": ["dates"]}}]})
+@example(doc={"steps": [{"name": "a\nb", "kind": "eval\n", "config": {"model": "org/m", "tasks": ["${\n}"]}}]})
+@example(doc={"output": "r\n", "steps": [{"name": "a", "kind": "eval", "config": {"output": "o"}}]})
 def test_recipes_load_or_stop_in_one_line(workdir, doc):
     path = write(workdir, "recipe.yaml", as_yaml(doc))
     loads_or_one_line("recipe", lambda: load_recipe(path, KINDS), str(path))

@@ -66,7 +66,9 @@ def references(value: Any, where: str) -> Iterator[str]:
         for inner in _PLACEHOLDER.findall(value):
             match = _STEP_OUTPUT.match(inner.strip())
             if not match:
-                raise UserError(f"{where}: unknown reference '${{{inner}}}': write ${{steps.NAME.output}}")
+                raise UserError(
+                    f"{where}: unknown reference '${{{config_io.printable(inner)}}}': write ${{steps.NAME.output}}"
+                )
             yield match.group(1)
     elif isinstance(value, Mapping):
         for item in value.values():
@@ -89,7 +91,7 @@ def substitute(value: Any, outputs: Mapping[str, str]) -> Any:
 
 def dependencies(recipe: Recipe, where: str = "recipe") -> dict[str, list[str]]:
     """Step name -> the names of the steps its config cites, in order of first mention."""
-    return {s.name: list(dict.fromkeys(references(s.config, f"{where}: step '{s.name}'"))) for s in recipe.steps}
+    return {s.name: list(dict.fromkeys(references(s.config, step_label(where, s.name)))) for s in recipe.steps}
 
 
 def order(recipe: Recipe, where: str = "recipe") -> list[Step]:
@@ -126,7 +128,7 @@ def validate(recipe: Recipe, where: str, kinds: Mapping[str, Any]) -> None:
         raise UserError(f"{where}: the recipe has no steps: add a list under 'steps:'")
     names: set[str] = set()
     for step in recipe.steps:
-        label = f"{where}: step '{step.name}'"
+        label = step_label(where, step.name)
         if step.name == "steps":
             raise UserError(f"{label}: 'steps' is taken (OUTPUT/steps/ holds the step configs and logs): rename it")
         if not NAME.match(step.name):
@@ -136,7 +138,7 @@ def validate(recipe: Recipe, where: str, kinds: Mapping[str, Any]) -> None:
         names.add(step.name)
         _check_kind(step, label, kinds)
     for step in recipe.steps:
-        label = f"{where}: step '{step.name}'"
+        label = step_label(where, step.name)
         for name in references(step.config, label):
             if name == step.name:
                 raise UserError(f"{label} cites its own output: a step can only use earlier steps' outputs")
@@ -147,11 +149,12 @@ def validate(recipe: Recipe, where: str, kinds: Mapping[str, Any]) -> None:
     order(recipe, where)  # cycles
     out = Path(recipe.output)
     for step in recipe.steps:
-        label = f"{where}: step '{step.name}'"
+        label = step_label(where, step.name)
         kind = kinds[step.kind]
         if kind.output_key and kind.output_key in step.config:
+            target = config_io.printable(str(out / step.name))
             raise UserError(
-                f"{label}: remove '{kind.output_key}': the runner writes each step to OUTPUT/NAME ({out / step.name})"
+                f"{label}: remove '{kind.output_key}': the runner writes each step to OUTPUT/NAME ({target})"
             )
         future = {name: str(out / name) for name in names}  # where each cited output will be
         resolved = substitute(step.config, future)
@@ -163,11 +166,16 @@ def validate(recipe: Recipe, where: str, kinds: Mapping[str, Any]) -> None:
                 check_model_ref(ref, label)
 
 
+def step_label(where: str, name: str) -> str:
+    """How errors name a step: the recipe file, then the name as written (line breaks escaped)."""
+    return f"{where}: step '{config_io.printable(name)}'"
+
+
 def _check_kind(step: Step, label: str, kinds: Mapping[str, Any]) -> None:
     if step.kind not in kinds:
         hint = difflib.get_close_matches(step.kind, list(kinds), n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else "use one of " + ", ".join(kinds)
-        raise UserError(f"{label}: unknown step kind '{step.kind}': {fix}")
+        raise UserError(f"{label}: unknown step kind '{config_io.printable(step.kind)}': {fix}")
     missing = kinds[step.kind].missing()
     if missing:
         raise UserError(f"{label}: step kind '{step.kind}' is not available in this install ({missing})")
