@@ -6,8 +6,10 @@ import logging
 
 import pytest
 import torch
+from transformers import MistralConfig, MistralForCausalLM
 
 from lmforge.data.prepare import DataSettings, tokenize
+from lmforge.distill import prune
 from lmforge.distill import student as students
 from lmforge.distill.signals import batch_collate
 from lmforge.errors import UserError
@@ -121,3 +123,36 @@ def test_a_student_built_from_a_bf16_teacher_trains_in_float32(teacher):
     config.dtype = torch.bfloat16
     model = students.random_student(config, seed=0)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_depth_then_width_keeps_the_units_the_depth_picked_model_scores_highest(teacher, batch):
+    layers = [0, 5]
+    model = students.random_student(students.student_config(teacher.model, layers, None), seed=0)
+    students.copy_teacher_weights(model, teacher.model, layers, None)
+    width = prune.WidthSettings(hidden_size=24, intermediate_size=40, num_attention_heads=2)
+    shape = students.width_shape(teacher.model, len(layers), width)
+    assert shape == prune.Shape(24, 40, 2)
+    pruned = students.width_pruned(model, batch, shape)
+    config = pruned.config
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (2, 24, 40)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 2, 8)
+    scores = prune.importance(model, [batch])  # scored on the depth-picked model, not the six-layer teacher
+    top = scores["layers.1.mlp"].topk(40).indices.sort().values
+    torch.testing.assert_close(
+        pruned.model.layers[1].mlp.up_proj.weight,
+        teacher.model.model.layers[5].mlp.up_proj.weight[top][:, scores["hidden"].topk(24).indices.sort().values],
+    )
+
+
+def test_width_pruning_refuses_a_non_llama_teacher():
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    with pytest.raises(UserError, match="width pruning supports llama models, got model_type 'mistral'") as err:
+        students.width_shape(MistralForCausalLM(config), 1, prune.WidthSettings(hidden_size=8))
+    assert "\n" not in str(err.value)
