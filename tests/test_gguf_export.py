@@ -56,6 +56,17 @@ def f16_rounded(model: torch.nn.Module) -> torch.nn.Module:
     return rounded
 
 
+def q8_0_rounded(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every matrix through gguf-py's q8_0 quantiser and back: what a q8_0 export holds."""
+    rounded, q8_0 = copy.deepcopy(model), gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for param in rounded.parameters():
+            if param.dim() == 2:
+                blocks = gguf.quants.quantize(param.numpy(), q8_0)
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, q8_0)))
+    return rounded
+
+
 def greedy(loaded, prompt: str, tokens: int = 16) -> list[int]:
     ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -86,7 +97,9 @@ def test_f16_export_gives_the_same_greedy_generations(exported):
 def test_q8_0_export_keeps_per_token_logits_close(exported):
     ids = token_batch(exported.source.model.config.vocab_size)
     expected = logits(exported.source.model, ids)
-    gap = (logits(exported.q8_0.model, ids) - expected).abs().max().item()
+    got = logits(exported.q8_0.model, ids)
+    torch.testing.assert_close(got, logits(q8_0_rounded(exported.source.model), ids), atol=1e-5, rtol=0)
+    gap = (got - expected).abs().max().item()
     print(f"q8_0 max per-token logit difference: {gap:.4f} (logits up to {expected.abs().max():.2f})")
     assert 0 < gap < Q8_0_MAX_LOGIT_GAP
     assert exported.paths["q8_0"].stat().st_size < 0.65 * exported.paths["f16"].stat().st_size
@@ -252,7 +265,8 @@ def test_default_model_round_trip(tmp_path):
 
     The f16 file must give exactly the generations of the source with its weights rounded to f16, and logits
     within f16 tolerance of the float32 source; a generation that still differs from the float32 source's
-    turns where f16 rounding flips a near tie (the margin is printed). q8_0 must stay close per token.
+    turns where f16 rounding flips a near tie (the margin is printed). The q8_0 file must hold exactly the
+    source's matrices through gguf-py's q8_0 quantiser, stay close per token and agree on the top token.
     """
     source = load_model("default", device="cpu")
     paths = {kind: export_gguf("default", tmp_path / f"smollm2-{kind}.gguf", kind) for kind in ("f16", "q8_0")}
@@ -266,19 +280,26 @@ def test_default_model_round_trip(tmp_path):
     ]
     assert [f16.tokenizer(p)["input_ids"] for p in prompts] == [source.tokenizer(p)["input_ids"] for p in prompts]
     rounded = SimpleNamespace(model=f16_rounded(source.model))
+    q8_0_reference = q8_0_rounded(source.model)
     generations = {
         name: batch_greedy(loaded.model, source.tokenizer, prompts, 32)
         for name, loaded in (("source", source), ("rounded", rounded), ("f16", f16), ("q8_0", q8_0))
     }
     assert generations["f16"] == generations["rounded"]
 
-    gaps, margins = {"f16": 0.0, "q8_0": 0.0}, []
+    gaps, margins, top1, positions, scale = {"f16": 0.0, "q8_0": 0.0}, [], 0, 0, 0.0
     for prompt, tokens, f16_tokens in zip(prompts, generations["source"], generations["f16"], strict=True):
         prompt_ids = source.tokenizer(prompt)["input_ids"]
         ids = torch.tensor([prompt_ids + tokens])
         expected = logits(source.model, ids)
         for kind, loaded in (("f16", f16), ("q8_0", q8_0)):
             gaps[kind] = max(gaps[kind], (logits(loaded.model, ids) - expected).abs().max().item())
+        got = logits(q8_0.model, ids)[0, len(prompt_ids) - 1 :]
+        torch.testing.assert_close(got, logits(q8_0_reference, ids)[0, len(prompt_ids) - 1 :], atol=1e-4, rtol=0)
+        want = expected[0, len(prompt_ids) - 1 :]
+        top1 += (got.argmax(-1) == want.argmax(-1)).sum().item()
+        positions += len(want)
+        scale = max(scale, want.abs().max().item())
         if f16_tokens != tokens:
             step = next(i for i, (a, b) in enumerate(zip(tokens, f16_tokens, strict=True)) if a != b)
             top = expected[0, len(prompt_ids) + step - 1].topk(2).values
@@ -286,8 +307,10 @@ def test_default_model_round_trip(tmp_path):
     same = {kind: sum(a == b for a, b in zip(generations[kind], generations["source"], strict=True)) for kind in gaps}
     sizes = {kind: path.stat().st_size for kind, path in paths.items()}
     print(f"\nidentical to float32 source (of 20): {same}; f16 divergences (token, source top-2 margin): {margins}")
-    print(f"max per-token logit gap vs float32 source: {gaps}; bytes on disk: {sizes}")
-    assert gaps["f16"] < 0.1 and gaps["q8_0"] < 1.0
+    print(f"max per-token logit gap vs float32 source: {gaps} (logits up to {scale:.1f}); bytes on disk: {sizes}")
+    print(f"q8_0 top token = source's at {top1} of {positions} generated positions")
+    # measured on this machine: f16 0.041, q8_0 1.68 with logits up to 40, top token 649 of 660
+    assert gaps["f16"] < 0.1 and gaps["q8_0"] < 3.0 and top1 >= 0.95 * positions
     assert sizes["q8_0"] < 0.6 * sizes["f16"]
 
 
