@@ -13,11 +13,13 @@ import copy
 import functools
 import json
 import math
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lmforge import cli
 from lmforge import config as config_io
 from lmforge.data.prepare import DataSettings, tokenize
 from lmforge.distill import prune
@@ -217,21 +219,34 @@ def distill_cfg(teacher, out, *overrides):
     return config_io.load(None, DistillConfig, base + list(overrides))
 
 
-def test_distill_with_a_width_pruned_student_writes_a_loadable_folder(teacher, tmp_path, monkeypatch, caplog):
+def lmforge(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run `lmforge ARGS` through the CLI entry point; (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    return code, capsys.readouterr().err
+
+
+def test_lmforge_distill_with_a_width_pruned_student_writes_a_loadable_folder(
+    teacher, tmp_path, monkeypatch, capsys, caplog
+):
     monkeypatch.setattr(distill_run, "measure_footprint", functools.partial(distill_run.measure_footprint, repeats=1))
-    overrides = [
-        "student_layers=3",
-        "width.hidden_size=24",
-        "width.intermediate_size=40",
-        "width.num_attention_heads=2",
-    ]
+    out = tmp_path / "student"
+    base = ["distill", "--teacher", str(teacher), "--task", "dates", "--out", str(out), "--steps", "2"]
+    shape = ["width.hidden_size=24", "width.intermediate_size=40", "width.num_attention_heads=2"]
+    settings = ["student_layers=3", "data.limit=24", "train.batch_size=8", "eval.limit=2", "eval.probe=false"]
     with caplog.at_level("INFO", logger="lmforge.distill"):
-        out = run_distill(distill_cfg(teacher, tmp_path / "student", *overrides))
+        code, err = lmforge(monkeypatch, capsys, *base, *settings, *shape)
+    assert code == 0, err
+    assert "width pruning: hidden 32 -> 24, MLP 64 -> 40, query heads 4 -> 2" in caplog.text
+    assert "init quality" in caplog.text
     model = AutoModelForCausalLM.from_pretrained(out)
     c = model.config
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads) == (3, 24, 40, 2)
     assert c.head_dim == 8 and c.num_key_value_heads == 2
-    assert "width pruning: hidden 32 -> 24" in caplog.text and "init quality" in caplog.text
     record = json.loads((out / "run.json").read_text())
     assert record["inputs"]["student"]["width"] == {
         "hidden_size": 24,
@@ -241,13 +256,10 @@ def test_distill_with_a_width_pruned_student_writes_a_loadable_folder(teacher, t
     init = record["init_quality"]  # a random tiny teacher has nothing to keep, so only that it was measured
     assert all(math.isfinite(init[who][k]) for who in ("student", "random_init") for k in ("ce", "kl"))
 
-
-def test_distill_refuses_a_bad_head_count_and_writes_nothing(teacher, tmp_path):
-    out = tmp_path / "student"
-    with pytest.raises(UserError, match="breaks head grouping") as err:
-        run_distill(distill_cfg(teacher, out, "width.num_attention_heads=3"))
-    assert "\n" not in str(err.value)
-    assert not out.exists() and not (tmp_path / "student.work").exists()
+    again = tmp_path / "again"  # a head count that breaks grouping: one line, nothing written
+    code, err = lmforge(monkeypatch, capsys, *base[:-4], "--out", str(again), "width.num_attention_heads=3")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "breaks head grouping" in err
+    assert not again.exists() and not (tmp_path / "again.work").exists()
 
 
 def test_distill_to_a_parameter_fraction(teacher, tmp_path, monkeypatch):
