@@ -25,7 +25,7 @@ class EvalSettings:
     """What is scored before and after training (the forgetting report)."""
 
     task: str | None = None
-    """Task scored on base and result; defaults to data.task."""
+    """Task scored on base and result (built-in, .jsonl or lm-eval task .yaml); defaults to data.task."""
     limit: int = 50
     """Records of the task to score."""
     probe: bool = True
@@ -37,8 +37,10 @@ class EvalSettings:
         """Refuse values no run can use when the config is read, before any model loads or is scored."""
         config_io.at_least(self, "limit", 1)
         config_io.at_least(self, "batch_size", 1)
-        known = self.task is None or self.task in TASKS or self.task.endswith(".jsonl")
-        config_io.require(known, "task", f"is not a task: use one of {', '.join(TASKS)}, or a .jsonl file")
+        known = self.task is None or self.task in TASKS or self.task.endswith((".jsonl", ".yaml", ".yml"))
+        config_io.require(
+            known, "task", f"is not a task: use one of {', '.join(TASKS)}, a .jsonl file or an lm-eval task .yaml"
+        )
 
 
 def report_tasks(settings: EvalSettings, data_task: str | None = None) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from lmforge import config as config_io
 from lmforge.data.chat import chat_prompt
 from lmforge.errors import UserError
-from lmforge.eval import scoring
+from lmforge.eval import lmeval_yaml, scoring
 from lmforge.eval.speed import measure_footprint
 from lmforge.eval.tasks import FEWSHOT_SEED, Task, get_task
 from lmforge.models.load import LoadedModel, file_sha256, load_model
@@ -48,7 +48,7 @@ class EvalConfig:
     model: str
     """Model reference: default, a folder, a .gguf file or a hub id."""
     tasks: list[str]
-    """Built-in task names or .jsonl task files."""
+    """Built-in task names, .jsonl task files or lm-eval task .yaml files."""
     limit: int | None = None
     """Score only the first N records of each task."""
     num_fewshot: int = 0
@@ -61,6 +61,12 @@ class EvalConfig:
     """Precision the model is loaded in."""
     fewshot_file: str | None = None
     """A .jsonl of shots for the .jsonl tasks."""
+    columns: dict[str, str] | None = None
+    """Rename the .jsonl task files' keys: {prompt: question, answer: solution}."""
+    apply_chat_template: bool = False
+    """Render task-YAML prompts through the model's chat template (lm-eval's --apply_chat_template)."""
+    system_instruction: str | None = None
+    """System prompt for task-YAML prompts (lm-eval's --system_instruction)."""
 
     def __post_init__(self) -> None:
         config_io.require(bool(self.tasks), "tasks", "is empty: name a task (see `lmforge tasks`)")
@@ -79,6 +85,9 @@ def evaluate(
     dtype: str = "float32",
     fewshot_file: str | Path | None = None,
     overrides: Sequence[str] = (),
+    columns: dict[str, str] | None = None,
+    apply_chat_template: bool = False,
+    system_instruction: str | None = None,
 ) -> dict:
     """Score a model on tasks; returns an lm-eval-shaped results dict (plus "samples" and "footprint").
 
@@ -97,6 +106,12 @@ def evaluate(
         batch_size: requests per forward pass.
         footprint: also measure parameters, size, speed and memory.
         overrides: "key=value" strings over a config.
+        columns: {canonical: their key} renaming of the .jsonl task files' keys (prompt, answer, choices, text).
+        apply_chat_template: render lm-eval task YAML prompts (shots and question in one user turn) through the
+            tokenizer's chat template with the generation prompt, as lm-eval does. Built-in and .jsonl
+            generation tasks always use the chat template; this flag is for task YAMLs only.
+        system_instruction: a system prompt for task YAMLs: a system turn with the chat template, else text
+            before the description and shots (as lm-eval).
     """
     is_config = isinstance(model, (Mapping, EvalConfig)) or str(model).endswith((".yaml", ".yml"))
     if is_config or (overrides and not isinstance(model, LoadedModel)):
@@ -106,6 +121,8 @@ def evaluate(
         settings = {k: v for k, v in given.items() if v != defaults[k]}
         if fewshot_file is not None:
             settings["fewshot_file"] = str(fewshot_file)
+        extras = {"columns": columns, "apply_chat_template": apply_chat_template}
+        settings |= {k: v for k, v in (extras | {"system_instruction": system_instruction}).items() if v}
         cfg = config_io.resolve(model if is_config else None, EvalConfig, overrides, **settings)
         return evaluate(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig)})
     if overrides:
@@ -120,33 +137,50 @@ def evaluate(
         raise UserError(
             f"fewshot file {fewshot_file} is for .jsonl tasks: built-in tasks take shots from their train split"
         )
-    # Unknown tasks, bad records and too few shots all fail here, before the model loads.
-    resolved = [get_task(name, num_fewshot, fewshot_file) for name in tasks]
+    if columns and not any(name.endswith(".jsonl") for name in tasks):
+        raise UserError("--columns renames the keys of .jsonl task files: name a .jsonl task, or drop --columns")
+    if (apply_chat_template or system_instruction is not None) and not any(map(lmeval_yaml.is_task_yaml, tasks)):
+        raise UserError(
+            "--apply-chat-template and --system-instruction are for lm-eval task .yaml files: built-in and .jsonl "
+            "generation tasks already use the model's chat template"
+        )
+    # Unknown tasks, bad records, bad task YAMLs and too few shots all fail here, before the model loads.
+    resolved = [
+        get_task(name, num_fewshot, fewshot_file, columns if name.endswith(".jsonl") else None) for name in tasks
+    ]
     for task in resolved:
         if task.held_out:
             log.info("%s: %d records held out as k-shot examples, not scored", task.name, task.held_out)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
+    if apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        raise UserError(f"model {loaded.ref} has no chat template: drop --apply-chat-template")
+    chat = {"apply_chat_template": apply_chat_template, "system_instruction": system_instruction}
     results: dict = {"results": {}, "configs": {}, "versions": {}, "n-shot": {}, "n-samples": {}, "samples": {}}
     for task in resolved:
         docs = task.docs()
         scored_docs = docs[:limit] if limit else docs
         log.info("scoring %s: %d records (%s)", task.name, len(scored_docs), task.kind)
         start = time.perf_counter()
-        metrics, samples = score_task(loaded, task, scored_docs, num_fewshot, batch_size)
+        metrics, samples = score_task(loaded, task, scored_docs, num_fewshot, batch_size, **chat)
+        shots = task.extra.get("num_fewshot", num_fewshot)
         results["results"][task.name] = {"alias": task.name, **metrics}
         results["configs"][task.name] = {
             "task": task.name,
-            "output_type": _OUTPUT_TYPES[task.kind],
+            "output_type": task.extra.get("output_type") or _OUTPUT_TYPES[task.kind],
             "description": task.description,
-            "num_fewshot": num_fewshot,
-            "fewshot_source": task.shots_from if num_fewshot and task.kind != "perplexity" else "none",
+            "num_fewshot": shots,
+            "fewshot_source": task.shots_from if shots and task.kind != "perplexity" else "none",
             "fewshot_held_out": task.held_out,
             "stop": list(task.stop),
             "max_new_tokens": task.max_new_tokens,
             "seconds": round(time.perf_counter() - start, 2),
         }
+        if "lmeval" in task.extra:
+            spec = task.extra["lmeval"]
+            results["configs"][task.name] |= {"stop": list(spec.until), "max_new_tokens": spec.max_gen_toks}
+            results["configs"][task.name] |= {"yaml": str(spec.path), **spec.config, **chat}
         results["versions"][task.name] = task.version
-        results["n-shot"][task.name] = num_fewshot if task.kind != "perplexity" else 0
+        results["n-shot"][task.name] = shots if task.kind != "perplexity" else 0
         results["n-samples"][task.name] = {"original": len(docs), "effective": len(scored_docs)}
         results["samples"][task.name] = samples
     results["config"] = {
@@ -172,8 +206,21 @@ _OUTPUT_TYPES = {
 }
 
 
-def score_task(loaded: LoadedModel, task: Task, docs: list[dict], num_fewshot: int, batch_size: int):
-    """Metrics {"metric,none": v, "metric_stderr,none": s} and per-sample records for one task."""
+def score_task(
+    loaded: LoadedModel,
+    task: Task,
+    docs: list[dict],
+    num_fewshot: int,
+    batch_size: int,
+    apply_chat_template: bool = False,
+    system_instruction: str | None = None,
+):
+    """Metrics {"metric,filter": v, "metric_stderr,filter": s} and per-sample records for one task."""
+    if "lmeval" in task.extra:  # an lm-eval task YAML scores itself, prompts and filters as lm-eval builds them
+        window = min(getattr(loaded.model.config, "max_position_embeddings", None) or MAX_WINDOW, MAX_WINDOW)
+        return lmeval_yaml.score(
+            loaded, task.extra["lmeval"], docs, batch_size, apply_chat_template, system_instruction, window
+        )
     if task.kind == "perplexity":
         return _score_perplexity(loaded, docs, batch_size)
     shots = _fewshot_source(task, num_fewshot)
@@ -264,8 +311,8 @@ def metrics_of(results: dict) -> dict:
         for key, value in row.items():
             if "," not in key or "_stderr," in key:
                 continue
-            metric = key.split(",")[0]
-            stderr = row.get(f"{metric}_stderr,none")
+            metric, filter_name = key.split(",", 1)
+            stderr = row.get(f"{metric}_stderr,{filter_name}")
             out.setdefault(task, {})[metric] = {"value": value, "stderr": stderr}
     return out
 

@@ -6,7 +6,9 @@ synthetic generator (scored on its fixed test split, k-shot examples from its tr
 the general text probe. A path to a .jsonl file is a user task; its kind comes from its keys:
 {prompt, answer} generate, {prompt, choices, answer} multiple_choice, {text} perplexity. Its k-shot
 examples come from a second file of the same shape, or else k records held out of the file itself (seeded,
-and removed from the scored records, so a shot is never also a question).
+and removed from the scored records, so a shot is never also a question); `columns` maps a file's own keys
+onto these. A .yaml/.yml path is an lm-eval task YAML over local data (eval/lmeval_yaml.py): its records are
+rendered and checked here too, and it carries its own prompts, shots, filters and metrics in `extra`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from lmforge.data import probe, synthetic
 from lmforge.errors import UserError
+from lmforge.eval import lmeval_yaml
 
 KINDS = ("generate", "multiple_choice", "perplexity")
 FEWSHOT_SEED = 1234  # lm-eval's default, so k-shot draws and held-out shots are fixed across runs and models
@@ -69,19 +72,28 @@ TASKS: dict[str, Task] = {name: _synthetic_task(name) for name in synthetic.GENE
 }
 
 
-def get_task(name: str, num_fewshot: int = 0, fewshot_file: str | Path | None = None) -> Task:
-    """A built-in task by name, or a user task from a .jsonl file, checked to have `num_fewshot` shots.
+def get_task(
+    name: str, num_fewshot: int = 0, fewshot_file: str | Path | None = None, columns: dict[str, str] | None = None
+) -> Task:
+    """A built-in task by name, a user task from a .jsonl file or an lm-eval task YAML, checked to have its shots.
 
     A user file's shots come from `fewshot_file` (records of the same shape) or, without one, from
-    `num_fewshot` of its own records held out (seeded) and not scored. Built-in tasks use their train split.
-    Every check here runs before a model loads.
+    `num_fewshot` of its own records held out (seeded) and not scored; `columns` ({canonical: their key})
+    renames a .jsonl file's keys. Built-in tasks use their train split. A task YAML takes its shots from its
+    own splits and `num_fewshot` (0 here keeps the file's). Every check here runs before a model loads.
     """
+    if columns and not name.endswith(".jsonl"):
+        raise UserError(f"--columns maps the keys of .jsonl task files, not of task '{name}'")
+    if lmeval_yaml.is_task_yaml(name):
+        return _yaml_task(name, num_fewshot)
     if name in TASKS:
         task = TASKS[name]
     elif name.endswith(".jsonl"):
-        task = _user_task(Path(name), num_fewshot, Path(fewshot_file) if fewshot_file else None)
+        task = _user_task(Path(name), num_fewshot, Path(fewshot_file) if fewshot_file else None, columns)
     else:
-        raise UserError(f"unknown task '{name}': use one of {', '.join(TASKS)}, or a .jsonl file of your own")
+        raise UserError(
+            f"unknown task '{name}': use one of {', '.join(TASKS)}, a .jsonl file or an lm-eval task .yaml of your own"
+        )
     if task.kind != "perplexity" and num_fewshot > 0:
         available = len(task.shots()) if task.shots else 0
         if available < num_fewshot:
@@ -92,8 +104,21 @@ def get_task(name: str, num_fewshot: int = 0, fewshot_file: str | Path | None = 
     return task
 
 
-def _user_task(path: Path, num_fewshot: int, fewshot_file: Path | None) -> Task:
-    kind, docs = _read_records(path, "task file")
+def _yaml_task(path: str, num_fewshot: int) -> Task:
+    spec = lmeval_yaml.load_task(path, num_fewshot or None)
+    return Task(
+        name=spec.name,
+        kind=lmeval_yaml.KIND[spec.output_type],
+        description=f"lm-eval task YAML {path}",
+        docs=lambda: spec.docs,
+        version=str((spec.config.get("metadata") or {}).get("version", "1")),
+        extra={"lmeval": spec, "num_fewshot": spec.num_fewshot, "output_type": spec.output_type},
+        shots_from=f"split {spec.config['fewshot_split']} of {path}" if spec.num_fewshot else "none",
+    )
+
+
+def _user_task(path: Path, num_fewshot: int, fewshot_file: Path | None, columns: dict[str, str] | None = None) -> Task:
+    kind, docs = _read_records(path, "task file", columns)
     if kind == "perplexity":  # rolling log-likelihood of whole texts takes no shots
         return Task(name=str(path), kind=kind, description=f"user task from {path}", docs=lambda: docs)
     shots: list[dict] = []
@@ -103,7 +128,7 @@ def _user_task(path: Path, num_fewshot: int, fewshot_file: Path | None) -> Task:
             raise UserError(
                 f"fewshot file {fewshot_file} is the task file itself: leave out --fewshot-file to hold shots out of it"
             )
-        shot_kind, shots = _read_records(fewshot_file, "fewshot file")
+        shot_kind, shots = _read_records(fewshot_file, "fewshot file", columns)
         if shot_kind != kind:
             raise UserError(
                 f"fewshot file {fewshot_file} holds {_SHAPES[shot_kind]} records but task {path} holds "
@@ -134,8 +159,8 @@ def _user_task(path: Path, num_fewshot: int, fewshot_file: Path | None) -> Task:
     )
 
 
-def _read_records(path: Path, role: str) -> tuple[str, list[dict]]:
-    """The kind and records of a task-shaped .jsonl file; `role` names it in errors."""
+def _read_records(path: Path, role: str, columns: dict[str, str] | None = None) -> tuple[str, list[dict]]:
+    """The kind and records of a task-shaped .jsonl file; `role` names it in errors, `columns` renames keys."""
     if not path.is_file():
         raise UserError(f"{role} not found: {path}: check the path")
     records = []
@@ -143,7 +168,7 @@ def _read_records(path: Path, role: str) -> tuple[str, list[dict]]:
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
-                    records.append(_user_record(line, f"{path}:{number}"))
+                    records.append(_user_record(line, f"{path}:{number}", columns))
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason}): save the file as UTF-8") from None
     if not records:
@@ -154,13 +179,19 @@ def _read_records(path: Path, role: str) -> tuple[str, list[dict]]:
     return kinds.pop(), [record for _, record in records]
 
 
-def _user_record(line: str, where: str) -> tuple[str, dict]:
+def _user_record(line: str, where: str, columns: dict[str, str] | None = None) -> tuple[str, dict]:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise UserError(f"{where}: invalid JSON ({err.msg})") from None
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object")
+    for canonical, theirs in (columns or {}).items():
+        if canonical not in ("prompt", "answer", "choices", "text"):
+            raise UserError(f"--columns {canonical}={theirs}: a task record's keys are prompt, answer, choices, text")
+        if theirs not in row:
+            raise UserError(f"{where}: missing key '{theirs}' (mapped by --columns {canonical}={theirs})")
+        row[canonical] = row.pop(theirs)
     if "choices" in row:
         for key in ("prompt", "answer"):
             if key not in row:
