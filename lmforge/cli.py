@@ -37,7 +37,9 @@ console = Console()
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="'default', a model folder, a .gguf file or a hub id")],
-    task: Annotated[list[str], typer.Option("--task", "-t", help="built-in task name or .jsonl file; repeat")],
+    task: Annotated[
+        list[str], typer.Option("--task", "-t", help="built-in task name, .jsonl file or lm-eval task .yaml; repeat")
+    ],
     limit: Annotated[int | None, typer.Option(help="score only the first N records per task")] = None,
     num_fewshot: Annotated[int, typer.Option("--num-fewshot", "-k", help="k-shot examples per prompt")] = 0,
     fewshot_file: Annotated[
@@ -48,6 +50,13 @@ def eval_command(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
     footprint: Annotated[bool, typer.Option(help="measure size, speed and memory")] = True,
+    columns: Annotated[
+        str | None, typer.Option(help="map a .jsonl task's keys, e.g. prompt=question,answer=solution")
+    ] = None,
+    apply_chat_template: Annotated[
+        bool, typer.Option(help="task .yaml prompts through the model's chat template, as lm-eval's flag")
+    ] = False,
+    system_instruction: Annotated[str | None, typer.Option(help="system prompt for task .yaml prompts")] = None,
 ) -> None:
     """Score a model on tasks; write results.json, samples and run.json; print the table."""
     from lmforge.eval.run import run_eval
@@ -64,6 +73,9 @@ def eval_command(
         batch_size=batch_size,
         footprint=footprint,
         dtype=dtype,
+        columns=parse_columns(columns),
+        apply_chat_template=apply_chat_template,
+        system_instruction=system_instruction,
     )
     print_results(results, console)
     console.print(f"results in {folder}")
