@@ -232,6 +232,20 @@ def tune_command(
     console.print(f"best trial {results.best_trial} (val_loss {results.best_value:.4f}) in {results.best}")
 
 
+@app.command("export")
+def export_command(
+    model: Annotated[str, typer.Argument(help="'default', a model or LoRA adapter folder, a .gguf file or a hub id")],
+    gguf: Annotated[Path, typer.Option("--gguf", help="GGUF file to write (for llama.cpp, Ollama)")],
+    type: Annotated[str, typer.Option("--type", help="f16 | q8_0")] = "f16",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+) -> None:
+    """Write a llama model as one GGUF file, tokenizer and chat template included (adapters merged first)."""
+    from lmforge.models.gguf_export import export_gguf
+
+    path = export_gguf(model, gguf, type, overwrite=overwrite)
+    console.print(f"wrote {path} ({type}, {path.stat().st_size / 2**20:.1f} MiB)")
+
+
 app.command("distill")(distill_command)
 app.command("merge")(merge_command)
 app.command("run")(run_command)
