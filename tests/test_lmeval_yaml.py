@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from lmforge import cli
+from lmforge.errors import UserError
 from lmforge.eval import scoring
 from lmforge.eval.forgetting import EvalSettings
 from lmforge.eval.lmeval_yaml import apply_filter, build_context, exact_match, load_task, shots_for
@@ -273,6 +274,9 @@ def test_chat_template_puts_shots_and_question_in_one_user_turn(tiny, tmp_path):
 def test_task_yaml_is_an_eval_task_for_training_commands(tmp_path):
     path = str(two_shot_task(tmp_path))
     assert EvalSettings(task=path).task == path
+    broken = write_yaml(tmp_path / "broken.yaml", {"include": "base.yaml", "task": "t", "doc_to_text": "{{nope}}"})
+    with pytest.raises(UserError, match="doc_to_text names column 'nope'"):
+        EvalSettings(task=str(broken))  # checked when the config is read, before any model loads
 
 
 def test_columns_flag_maps_jsonl_task_keys(tiny, tmp_path):

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from lmforge import config as config_io
+from lmforge.eval.lmeval_yaml import is_task_yaml, load_task
 from lmforge.eval.run import evaluate, metrics_of
 from lmforge.eval.tasks import TASKS
 from lmforge.models.load import LoadedModel
@@ -41,6 +42,8 @@ class EvalSettings:
         config_io.require(
             known, "task", f"is not a task: use one of {', '.join(TASKS)}, a .jsonl file or an lm-eval task .yaml"
         )
+        if self.task and is_task_yaml(self.task):  # read and rendered now, so a bad task fails before training
+            load_task(self.task)
 
 
 def report_tasks(settings: EvalSettings, data_task: str | None = None) -> list[str]:
