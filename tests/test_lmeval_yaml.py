@@ -252,21 +252,25 @@ def test_included_keys_are_overridden_by_the_including_file(tmp_path):
     assert task.docs[0].text == "Question 7 + 1 =" and task.num_fewshot == 0
 
 
-def test_chat_template_puts_shots_and_question_in_one_user_turn(tiny, tmp_path):
+def test_chat_template_makes_each_shot_a_user_and_an_assistant_turn(tiny, tmp_path):
     path = two_shot_task(tmp_path, generation_kwargs={"until": ["\n"], "max_gen_toks": 2})
     task = load_task(path)
     shots = shots_for(task, task.docs[0], random.Random(1234))
     chat = build_context(task, task.docs[0], shots, system_instruction="Be brief.", tokenizer=tiny.tokenizer)
     assert chat == (
         "<|im_start|>system\nBe brief.\n\nAdd one.\n\n<|im_end|>\n"
-        "<|im_start|>user\nQ: 3 + 1\nA: 4\n\nQ: 0 + 1\nA: 1\n\nQ: 7 + 1\nA:<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\nQ: 3 + 1\nA:<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+        "<|im_start|>user\nQ: 0 + 1\nA:<|im_end|>\n<|im_start|>assistant\n1<|im_end|>\n"
+        "<|im_start|>user\nQ: 7 + 1\nA:<|im_end|>\n<|im_start|>assistant\n"
     )
     plain = evaluate(tiny, [str(path)], footprint=False, limit=1)["samples"]["add_one"][0]["input"]
     templated = evaluate(tiny, [str(path)], footprint=False, limit=1, apply_chat_template=True)
     assert plain == "Add one.\n\nQ: 3 + 1\nA: 4\n\nQ: 0 + 1\nA: 1\n\nQ: 7 + 1\nA:"
     assert templated["samples"]["add_one"][0]["input"] == (
         "<|im_start|>system\nAdd one.\n\n<|im_end|>\n"
-        "<|im_start|>user\nQ: 3 + 1\nA: 4\n\nQ: 0 + 1\nA: 1\n\nQ: 7 + 1\nA:<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\nQ: 3 + 1\nA:<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+        "<|im_start|>user\nQ: 0 + 1\nA:<|im_end|>\n<|im_start|>assistant\n1<|im_end|>\n"
+        "<|im_start|>user\nQ: 7 + 1\nA:<|im_end|>\n<|im_start|>assistant\n"
     )
     assert templated["configs"]["add_one"]["apply_chat_template"] is True
 

@@ -9,9 +9,10 @@ missing column, a template error or an unsupported key is one line naming the fi
 
 Prompts follow lm-eval: [system instruction + fewshot_delimiter] + description, then k shots, each
 `text + target_delimiter + target + fewshot_delimiter`, then the record's text. With the chat template on,
-the system prompt is a system turn and the shots plus the question are one user turn (lm-eval's default,
-not multi-turn), rendered with the generation prompt; multiple-choice continuations then lose the target
-delimiter, as in lm-eval. Keys lmforge does not implement are refused, never ignored.
+the system prompt is a system turn, each shot a user turn (its text) and an assistant turn (its target), the
+record's text the last user turn, rendered with the generation prompt: what lm-eval 0.4.13's
+--apply_chat_template gives (multi-turn shots, checked by bench/lmeval_task_conformance.py); multiple-choice
+continuations then lose the target delimiter, as in lm-eval. Keys lmforge does not implement are refused, never ignored.
 """
 
 from __future__ import annotations
@@ -540,10 +541,15 @@ def shots_for(task: YamlTask, doc: Doc, rng: random.Random) -> list[Doc]:
     return [shot for shot in drawn if shot.source != doc.source][: task.num_fewshot]
 
 
+def _target_text(shot: Doc) -> str:
+    """A shot's answer as shown: a multiple-choice shot shows its right choice, not its index."""
+    return shot.choices[shot.target] if isinstance(shot.target, int) and shot.choices else str(shot.target)
+
+
 def fewshot_text(task: YamlTask, shots: list[Doc]) -> str:
     out = ""
     for shot in shots:
-        target = shot.choices[shot.target] if isinstance(shot.target, int) and shot.choices else str(shot.target)
+        target = _target_text(shot)
         out += shot.text
         if target != "":
             out += task.target_delimiter + target + task.fewshot_delimiter
@@ -553,7 +559,7 @@ def fewshot_text(task: YamlTask, shots: list[Doc]) -> str:
 def build_context(
     task: YamlTask, doc: Doc, shots: list[Doc], system_instruction: str | None = None, tokenizer=None
 ) -> str:
-    """The prompt for one record: lm-eval's plain text, or (with a tokenizer) its chat-template form."""
+    """The prompt for one record: lm-eval's plain text, or (with a tokenizer) its multi-turn chat-template form."""
     if system_instruction is not None and doc.description:
         system = f"{system_instruction}{task.fewshot_delimiter}{doc.description}"
     else:
@@ -561,7 +567,9 @@ def build_context(
     if tokenizer is None:
         return system + fewshot_text(task, shots) + doc.text
     messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": fewshot_text(task, shots) + doc.text})
+    for shot in shots:  # lm-eval 0.4.13 with a chat template: each shot a user turn and an assistant turn
+        messages += [{"role": "user", "content": shot.text}, {"role": "assistant", "content": _target_text(shot)}]
+    messages.append({"role": "user", "content": doc.text})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
