@@ -19,7 +19,8 @@ from lmforge import cli
 from lmforge.errors import UserError
 from lmforge.eval import scoring
 from lmforge.eval.forgetting import EvalSettings
-from lmforge.eval.lmeval_yaml import apply_filter, build_context, exact_match, load_task, shots_for
+from lmforge.eval.lmeval_score import apply_filter, build_context, exact_match, shots_for
+from lmforge.eval.lmeval_yaml import load_task
 from lmforge.eval.run import evaluate
 from lmforge.models.load import load_model
 

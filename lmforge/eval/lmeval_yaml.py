@@ -1,4 +1,4 @@
-"""lm-eval task YAML over local data: read the file, render every record, score it as lm-eval 0.4 does [lme].
+"""lm-eval task YAML over local data: read the file and render every record, as lm-eval 0.4.13 does [lme].
 
 A task YAML names data files (`dataset_path: json|csv|parquet` or a local folder, `dataset_kwargs.data_files`),
 the split scored (`test_split`, else `validation_split`) and where shots come from (`fewshot_split`, else
@@ -7,23 +7,20 @@ target and choices with `doc_to_text` / `doc_to_target` / `doc_to_choice`: a bar
 template (sandboxed, StrictUndefined). Everything is read and rendered here, before a model loads, so a
 missing column, a template error or an unsupported key is one line naming the file and key.
 
-Prompts follow lm-eval: [system instruction + fewshot_delimiter] + description, then k shots, each
+Data files are read by eval/lmeval_data.py; prompts and scores are made by eval/lmeval_score.py. Prompts
+follow lm-eval: [system instruction + fewshot_delimiter] + description, then k shots, each
 `text + target_delimiter + target + fewshot_delimiter`, then the record's text. With the chat template on,
 the system prompt is a system turn, each shot a user turn (its text) and an assistant turn (its target), the
 record's text the last user turn, rendered with the generation prompt: what lm-eval 0.4.13's
 --apply_chat_template gives (multi-turn shots, checked by bench/lmeval_task_conformance.py); multiple-choice
-continuations then lose the target delimiter, as in lm-eval. Keys lmforge does not implement are refused, never ignored.
+continuations then lose the target delimiter, as in lm-eval. Keys lmforge does not implement are refused,
+never ignored.
 """
 
 from __future__ import annotations
 
 import ast
-import json
-import math
-import random
 import re
-import statistics
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +29,8 @@ from jinja2 import StrictUndefined, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from lmforge.errors import UserError
+from lmforge.eval.lmeval_data import read_splits
 
-FEWSHOT_SEED = 1234  # lm-eval's fewshot seed
 OUTPUT_TYPES = ("generate_until", "loglikelihood", "multiple_choice", "loglikelihood_rolling")
 DEFAULT_METRICS = {
     "generate_until": ["exact_match"],
@@ -56,9 +53,6 @@ SUPPORTED_KEYS = {
 METADATA_KEYS = {"tag", "group", "metadata"}
 FILTERS = ("regex", "take_first", "lowercase", "uppercase", "remove_whitespace")
 EXACT_MATCH_OPTIONS = {"ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore"}
-READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
-               "val": "validation", "dev": "validation", "test": "test", "testing": "test"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -149,7 +143,7 @@ def load_task(path: str | Path, num_fewshot: int | None = None) -> YamlTask:
     output_type = config.get("output_type", "generate_until")
     if output_type not in OUTPUT_TYPES:
         raise UserError(f"{where}: output_type '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
-    splits = _read_splits(path, config)
+    splits = read_splits(path, config)
     scored = config.get("test_split") or config.get("validation_split")
     if not scored:
         raise UserError(f"{where}: neither test_split nor validation_split is set: name the split to score")
@@ -200,113 +194,6 @@ def _text_key(where: str, config: dict, key: str, default: str) -> str:
     if not isinstance(value, str):
         raise UserError(f"{where}: key '{key}' must be a string")
     return value
-
-
-# ---- data ----
-
-
-def _resolve(name: str, yaml_path: Path, base: Path | None = None) -> Path:
-    """A data path as lm-eval reads it (relative to the working folder), else relative to the YAML's folder."""
-    candidates = [base / name] if base else [Path(name), yaml_path.parent / name]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    raise UserError(f"{yaml_path}: data file {name} not found (looked in {', '.join(map(str, candidates))})")
-
-
-def _read_splits(path: Path, config: dict) -> dict[str, tuple[str, list[dict]]]:
-    """{split: (file names, records)} from dataset_path and dataset_kwargs.data_files."""
-    dataset_path = config.get("dataset_path")
-    kwargs = config.get("dataset_kwargs") or {}
-    if not isinstance(kwargs, dict) or set(kwargs) - {"data_files"}:
-        extra = sorted(set(kwargs) - {"data_files"}) if isinstance(kwargs, dict) else ["(not a mapping)"]
-        raise UserError(f"{path}: dataset_kwargs.{extra[0]} is not supported: only data_files is read")
-    data_files = kwargs.get("data_files")
-    folder: Path | None = None
-    if dataset_path in ("json", "csv", "parquet"):
-        if data_files is None:
-            raise UserError(f"{path}: dataset_path '{dataset_path}' needs dataset_kwargs.data_files")
-    elif isinstance(dataset_path, str) and _is_dir(dataset_path, path):
-        folder = _resolve(dataset_path, path)
-    else:
-        raise UserError(
-            f"{path}: dataset_path '{dataset_path}' is not json, csv, parquet or a local folder: lmforge reads "
-            "local data only (download the dataset and point data_files at it)"
-        )
-    if data_files is None:
-        files = _split_files(folder, path)
-    elif isinstance(data_files, (str, list)):
-        files = {"train": [data_files] if isinstance(data_files, str) else data_files}
-    elif isinstance(data_files, dict):
-        files = {s: [f] if isinstance(f, str) else f for s, f in data_files.items()}
-    else:
-        raise UserError(f"{path}: dataset_kwargs.data_files must be a file, a list or a {{split: file}} mapping")
-    splits = {}
-    for split, names in files.items():
-        rows: list[dict] = []
-        resolved = [_resolve(str(n), path, folder) for n in names]
-        for file in resolved:
-            rows += _read_file(file, dataset_path if dataset_path in READERS.values() else None, path)
-        _check_columns(rows, ", ".join(map(str, resolved)))
-        splits[str(split)] = (", ".join(map(str, resolved)), rows)
-    return splits
-
-
-def _is_dir(name: str, yaml_path: Path) -> bool:
-    return Path(name).is_dir() or (yaml_path.parent / name).is_dir()
-
-
-def _split_files(folder: Path, yaml_path: Path) -> dict[str, list[str]]:
-    """A folder's data files by split, named as the datasets library infers them (train/dev/test in the name)."""
-    files: dict[str, list[str]] = {}
-    for file in sorted(folder.iterdir()):
-        if file.suffix not in READERS:
-            continue
-        words = re.split(r"[-_.\s]", file.stem.lower())
-        split = next((SPLIT_NAMES[w] for w in words if w in SPLIT_NAMES), "train")
-        files.setdefault(split, []).append(file.name)
-    if not files:
-        raise UserError(f"{yaml_path}: folder {folder} holds no .jsonl, .json, .csv or .parquet files")
-    return files
-
-
-def _read_file(file: Path, reader: str | None, yaml_path: Path) -> list[dict]:
-    reader = reader or READERS.get(file.suffix)
-    try:
-        if reader == "json":
-            text = file.read_text(encoding="utf-8")
-            if text.lstrip().startswith("["):
-                rows = json.loads(text)
-            else:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        elif reader == "csv":
-            import pyarrow.csv
-
-            rows = pyarrow.csv.read_csv(file).to_pylist()
-        elif reader == "parquet":
-            import pyarrow.parquet
-
-            rows = pyarrow.parquet.read_table(file).to_pylist()
-        else:
-            raise UserError(f"{yaml_path}: cannot tell how to read {file}: use .jsonl, .json, .csv or .parquet")
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-        raise UserError(f"{yaml_path}: data file {file} could not be read ({str(err).splitlines()[0]})") from None
-    except Exception as err:  # pyarrow's parse errors have no common public base class
-        if type(err).__module__.startswith("pyarrow"):
-            raise UserError(f"{yaml_path}: data file {file} could not be read ({str(err).splitlines()[0]})") from None
-        raise
-    if not all(isinstance(row, dict) for row in rows):
-        raise UserError(f"{yaml_path}: data file {file} must hold one JSON object per record")
-    return rows
-
-
-def _check_columns(rows: list[dict], where: str) -> None:
-    """Every record has every column some record has: a record missing one is a data mistake, named here."""
-    columns = {key for row in rows for key in row}
-    for number, row in enumerate(rows, 1):
-        missing = sorted(columns - set(row))
-        if missing:
-            raise UserError(f"{where}: record {number} is missing column '{missing[0]}' that other records have")
 
 
 # ---- rendering ----
@@ -528,168 +415,3 @@ def _metrics(where: str, config: dict, output_type: str) -> dict[str, dict]:
             raise UserError(f"{where}: metric {name} aggregation '{entry['aggregation']}' is not supported")
         metrics[name] = options
     return metrics
-
-
-# ---- prompts and scoring ----
-
-
-def shots_for(task: YamlTask, doc: Doc, rng: random.Random) -> list[Doc]:
-    """The k shots of one record, drawn as lm-eval draws them (one extra when shots come from the scored split)."""
-    if not task.num_fewshot:
-        return []
-    drawn = rng.sample(task.fewshot_docs, task.num_fewshot + (1 if task.fewshot_same_split else 0))
-    return [shot for shot in drawn if shot.source != doc.source][: task.num_fewshot]
-
-
-def _target_text(shot: Doc) -> str:
-    """A shot's answer as shown: a multiple-choice shot shows its right choice, not its index."""
-    return shot.choices[shot.target] if isinstance(shot.target, int) and shot.choices else str(shot.target)
-
-
-def fewshot_text(task: YamlTask, shots: list[Doc]) -> str:
-    out = ""
-    for shot in shots:
-        target = _target_text(shot)
-        out += shot.text
-        if target != "":
-            out += task.target_delimiter + target + task.fewshot_delimiter
-    return out
-
-
-def build_context(
-    task: YamlTask, doc: Doc, shots: list[Doc], system_instruction: str | None = None, tokenizer=None
-) -> str:
-    """The prompt for one record: lm-eval's plain text, or (with a tokenizer) its multi-turn chat-template form."""
-    if system_instruction is not None and doc.description:
-        system = f"{system_instruction}{task.fewshot_delimiter}{doc.description}"
-    else:
-        system = system_instruction if system_instruction is not None else doc.description
-    if tokenizer is None:
-        return system + fewshot_text(task, shots) + doc.text
-    messages = [{"role": "system", "content": system}] if system else []
-    for shot in shots:  # lm-eval 0.4.13 with a chat template: each shot a user turn and an assistant turn
-        messages += [{"role": "user", "content": shot.text}, {"role": "assistant", "content": _target_text(shot)}]
-    messages.append({"role": "user", "content": doc.text})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def apply_filter(steps: list[dict], response: str) -> str:
-    """One response through one filter pipeline (lm-eval's regex, take_first, lowercase, ...)."""
-    for step in steps:
-        function = step["function"]
-        if function == "regex":
-            found = step["compiled"].findall(response)
-            try:
-                match = found[step["group_select"]] if found else None
-            except IndexError:
-                match = None
-            if isinstance(match, tuple):
-                match = next((m for m in match if m), None)
-            response = match.strip() if match is not None else step["fallback"]
-        elif function == "lowercase":
-            response = response.lower()
-        elif function == "uppercase":
-            response = response.upper()
-        elif function == "remove_whitespace":
-            response = response.lstrip()
-    return response
-
-
-def exact_match(prediction: str, reference: str, options: dict) -> float:
-    """lm-eval's exact_match: optional regexes removed, case and punctuation ignored; no stripping."""
-    for pattern in options.get("regexes_to_ignore") or []:
-        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
-    if options.get("ignore_case"):
-        prediction, reference = prediction.lower(), reference.lower()
-    for flag, chars in (("ignore_punctuation", string.punctuation), ("ignore_numbers", string.digits)):
-        if options.get(flag):
-            table = str.maketrans("", "", chars)
-            prediction, reference = prediction.translate(table), reference.translate(table)
-    return float(prediction == reference)
-
-
-def _mean(name: str, key: str, values: list[float]) -> dict:
-    stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-    return {f"{name},{key}": statistics.fmean(values), f"{name}_stderr,{key}": stderr}
-
-
-def score(
-    loaded,
-    task: YamlTask,
-    docs: list[Doc],
-    batch_size: int,
-    apply_chat_template: bool = False,
-    system_instruction: str | None = None,
-    max_window: int = 2048,
-) -> tuple[dict, list[dict]]:
-    """Metrics {"metric,filter": value, ...} and per-sample records for the scored `docs`."""
-    from lmforge.eval import scoring
-
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if task.output_type == "loglikelihood_rolling":
-        texts = [str(doc.target) for doc in docs]
-        totals = scoring.loglikelihood_rolling(model, tokenizer, texts, batch_size, max_length=max_window)
-        lls = [total for total, _ in totals]
-        words = sum(len(re.split(r"\s+", t)) for t in texts)
-        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-        values = {
-            "word_perplexity": math.exp(-sum(lls) / words),
-            "byte_perplexity": math.exp(-sum(lls) / n_bytes),
-            "bits_per_byte": -sum(lls) / n_bytes / math.log(2),
-        }
-        metrics = {}
-        for name in task.metrics:
-            metrics |= {f"{name},none": values[name], f"{name}_stderr,none": None}
-        samples = [{"target": t, "loglikelihood": ll} for t, ll in zip(texts, lls, strict=True)]
-        return metrics, samples
-    chat = tokenizer if apply_chat_template else None
-    rng = random.Random(FEWSHOT_SEED)
-    contexts = [build_context(task, doc, shots_for(task, doc, rng), system_instruction, chat) for doc in docs]
-    if task.output_type == "generate_until":
-        outputs = scoring.generate_until(model, tokenizer, contexts, task.until, task.max_gen_toks, batch_size)
-        metrics, samples = {}, []
-        per_filter = {name: [apply_filter(steps, out) for out in outputs] for name, steps in task.filters.items()}
-        for name, filtered in per_filter.items():
-            options = task.metrics.get("exact_match", {})
-            hits = [exact_match(f, str(doc.target), options) for f, doc in zip(filtered, docs, strict=True)]
-            metrics |= _mean("exact_match", name, hits)
-        for index, (doc, context, out) in enumerate(zip(docs, contexts, outputs, strict=True)):
-            filtered = {name: values[index] for name, values in per_filter.items()}
-            samples.append({"input": context, "target": doc.target, "output": out, "filtered": filtered})
-        return metrics, samples
-    if task.output_type == "loglikelihood":
-        results = scoring.loglikelihood(
-            model, tokenizer, [(c, str(d.target)) for c, d in zip(contexts, docs, strict=True)], batch_size
-        )
-        metrics = {}
-        if "perplexity" in task.metrics:
-            mean_ll = statistics.fmean(ll for ll, _ in results)
-            metrics |= {"perplexity,none": math.exp(-mean_ll), "perplexity_stderr,none": None}
-        if "acc" in task.metrics:
-            metrics |= _mean("acc", "none", [float(greedy) for _, greedy in results])
-        samples = [
-            {"input": c, "target": d.target, "loglikelihood": ll, "is_greedy": g}
-            for c, d, (ll, g) in zip(contexts, docs, results, strict=True)
-        ]
-        return metrics, samples
-    delimiter = "" if apply_chat_template else task.target_delimiter
-    requests, owners = [], []
-    for index, (context, doc) in enumerate(zip(contexts, docs, strict=True)):
-        for choice in doc.choices:
-            requests.append((context, delimiter + choice))
-            owners.append(index)
-    results = scoring.loglikelihood(model, tokenizer, requests, batch_size)
-    acc, acc_norm, samples = [], [], []
-    for index, (context, doc) in enumerate(zip(contexts, docs, strict=True)):
-        lls = [ll for owner, (ll, _) in zip(owners, results, strict=True) if owner == index]
-        normed = [ll / len(choice) for ll, choice in zip(lls, doc.choices, strict=True)]
-        pick, pick_norm = lls.index(max(lls)), normed.index(max(normed))
-        acc.append(float(pick == doc.target))
-        acc_norm.append(float(pick_norm == doc.target))
-        samples.append({"input": context, "target": doc.target, "loglikelihoods": lls, "pick": pick})
-    metrics = {}
-    if "acc" in task.metrics:
-        metrics |= _mean("acc", "none", acc)
-    if "acc_norm" in task.metrics:
-        metrics |= _mean("acc_norm", "none", acc_norm)
-    return metrics, samples

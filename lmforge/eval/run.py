@@ -28,7 +28,7 @@ from typing import Any, Literal
 from lmforge import config as config_io
 from lmforge.data.chat import chat_prompt
 from lmforge.errors import UserError
-from lmforge.eval import lmeval_yaml, scoring
+from lmforge.eval import lmeval_score, lmeval_yaml, scoring
 from lmforge.eval.speed import measure_footprint
 from lmforge.eval.tasks import FEWSHOT_SEED, Task, get_task
 from lmforge.models.load import LoadedModel, file_sha256, load_model
@@ -218,7 +218,7 @@ def score_task(
     """Metrics {"metric,filter": v, "metric_stderr,filter": s} and per-sample records for one task."""
     if "lmeval" in task.extra:  # an lm-eval task YAML scores itself, prompts and filters as lm-eval builds them
         window = min(getattr(loaded.model.config, "max_position_embeddings", None) or MAX_WINDOW, MAX_WINDOW)
-        return lmeval_yaml.score(
+        return lmeval_score.score(
             loaded, task.extra["lmeval"], docs, batch_size, apply_chat_template, system_instruction, window
         )
     if task.kind == "perplexity":
