@@ -99,8 +99,8 @@ def finetune_command(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
     """Supervised fine-tuning (LoRA or full) with a forgetting report; flags override the config file."""
-    from lmforge import config as config_io
     from lmforge.finetune.sft import finetune
+    from lmforge.overrides import command_line
 
     flags = {
         "--model": ("model", model),
@@ -115,7 +115,7 @@ def finetune_command(
         "--overwrite": ("overwrite", overwrite),
         "--resume": ("resume", resume),
     }
-    folder = finetune(*config_io.command_line(args, flags))
+    folder = finetune(*command_line(args, flags))
     console.print(f"fine-tuned model in {folder}")
 
 
@@ -137,8 +137,8 @@ def dpo_command(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
     """Preference tuning (DPO or IPO), LoRA or full; flags override the config file."""
-    from lmforge import config as config_io
     from lmforge.finetune.dpo import dpo
+    from lmforge.overrides import command_line
 
     flags = {
         "--model": ("model", model),
@@ -153,7 +153,7 @@ def dpo_command(
         "--overwrite": ("overwrite", overwrite),
         "--resume": ("resume", resume),
     }
-    console.print(f"preference-tuned model in {dpo(*config_io.command_line(args, flags))}")
+    console.print(f"preference-tuned model in {dpo(*command_line(args, flags))}")
 
 
 @app.command("edit")
@@ -208,6 +208,7 @@ def tune_command(
     """Search SFT hyperparameters (Optuna TPE, median pruning); the best trial goes to <output>/best."""
     from lmforge import config as config_io
     from lmforge.finetune.search import TuneConfig, tune
+    from lmforge.overrides import command_line
 
     flags = {
         "--trials": ("trials", trials),
@@ -215,7 +216,7 @@ def tune_command(
         "--resume": ("resume", resume),
         "--overwrite": ("overwrite", overwrite),
     }
-    config, overrides = config_io.command_line(args, flags)
+    config, overrides = command_line(args, flags)
     cfg = config_io.resolve(config, TuneConfig, overrides)
     # A failed trial's exception is raised again after Optuna logs it with its traceback: report it once.
     logging.getLogger("optuna.study._optimize").addFilter(lambda record: not record.exc_info)
