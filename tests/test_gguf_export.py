@@ -15,6 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lmforge import cli
 from lmforge.errors import UserError
+from lmforge.finetune.sft import finetune
 from lmforge.models.gguf import read_gguf_metadata
 from lmforge.models.gguf_export import export_gguf
 from lmforge.models.load import load_model
@@ -259,17 +260,35 @@ QUESTIONS = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def finetuned_default(tmp_path_factory) -> str:
+    """A LoRA adapter fine-tuned from the default model on `dates` (a few steps: the weights must differ from the
+    base, not be good), so the export goes through the adapter merge as a user's fine-tune does."""
+    out = tmp_path_factory.mktemp("finetuned") / "sft-dates"
+    finetune(
+        output=str(out),
+        model="default",
+        data={"task": "dates", "limit": 64},
+        train={"max_steps": 6, "batch_size": 4, "lr": 1e-3},
+        eval={"limit": 1, "probe": False},
+    )
+    return str(out)
+
+
 @pytest.mark.slow
-def test_default_model_round_trip(tmp_path):
-    """Acceptance on SmolLM2-135M-Instruct, 20 chat prompts, 32 greedy tokens each.
+@pytest.mark.parametrize("model", ["default", "finetuned"])
+def test_default_model_round_trip(tmp_path, model, request):
+    """Acceptance on SmolLM2-135M-Instruct (as shipped, and a LoRA fine-tune of it), 20 chat prompts, 32 greedy
+    tokens each.
 
     The f16 file must give exactly the generations of the source with its weights rounded to f16, and logits
     within f16 tolerance of the float32 source; a generation that still differs from the float32 source's
     turns where f16 rounding flips a near tie (the margin is printed). The q8_0 file must hold exactly the
     source's matrices through gguf-py's q8_0 quantiser, stay close per token and agree on the top token.
     """
-    source = load_model("default", device="cpu")
-    paths = {kind: export_gguf("default", tmp_path / f"smollm2-{kind}.gguf", kind) for kind in ("f16", "q8_0")}
+    ref = "default" if model == "default" else request.getfixturevalue("finetuned_default")
+    source = load_model(ref, device="cpu")
+    paths = {kind: export_gguf(ref, tmp_path / f"smollm2-{kind}.gguf", kind) for kind in ("f16", "q8_0")}
     assert read_gguf_metadata(paths["f16"])["tokenizer.chat_template"] == source.tokenizer.chat_template
     f16, q8_0 = (load_model(paths[kind], device="cpu") for kind in ("f16", "q8_0"))
     prompts = [
