@@ -8,19 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from lmforge import cli
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from cli_helpers import run_cli
 
 
 @pytest.mark.parametrize(

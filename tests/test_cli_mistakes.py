@@ -14,20 +14,9 @@ import time
 
 import pytest
 import yaml
+from cli_helpers import run_cli
 
-from lmforge import cli
 from lmforge.data.sources import load_records
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line(code: int, err: str) -> str:

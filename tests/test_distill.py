@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
-from lmforge import cli
 from lmforge import config as config_io
 from lmforge.distill import run as distill_run
 from lmforge.distill.run import DistillConfig, run_distill
@@ -214,17 +213,6 @@ def test_a_student_with_another_vocabulary_is_refused_whole_run(teacher, tmp_pat
         run_distill(make_cfg(teacher, out, "student_layers=null", f"student={other}"))
     assert "\n" not in str(err.value)
     assert not out.exists() and not (tmp_path / "student.work").exists()
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_bad_input_is_one_line(teacher, tmp_path, monkeypatch, capsys):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
-from lmforge import cli
 from lmforge.errors import UserError
 from lmforge.eval import scoring
 from lmforge.eval.run import evaluate, metrics_of, run_eval
@@ -183,17 +182,6 @@ def words_task(tmp_path, n=8, name="words.jsonl"):
     """n generate records whose prompts are never substrings of each other."""
     rows = [{"prompt": f"Spell the word number {chr(65 + i)}{chr(65 + i)}.", "answer": f"w{i}x"} for i in range(n)]
     return write_jsonl(tmp_path / name, rows), rows
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_user_task_holds_k_shots_out_of_its_own_file(tiny_llama, tmp_path):

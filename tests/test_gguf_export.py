@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from types import SimpleNamespace
 
 import gguf
 import pytest
 import torch
+from cli_helpers import run_cli
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lmforge import cli
 from lmforge.errors import UserError
 from lmforge.finetune.sft import finetune
 from lmforge.models.gguf import read_gguf_metadata
@@ -154,17 +153,6 @@ def test_lora_adapter_is_merged_into_its_base(tiny_llama, tmp_path):
     got = logits(load_model(path, device="cpu").model, ids)
     torch.testing.assert_close(got, logits(f16_rounded(merged), ids), atol=1e-5, rtol=0)
     assert (got - logits(load_model(tiny_llama, device="cpu").model, ids)).abs().max() > 0.1  # not the bare base
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_exports_q8_0(tiny_llama, tmp_path, monkeypatch, capsys):

@@ -8,14 +8,13 @@ import json
 import math
 import random
 import re
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cli_helpers import run_cli as run_lmforge
 
-from lmforge import cli
 from lmforge.errors import UserError
 from lmforge.eval import scoring
 from lmforge.eval.forgetting import EvalSettings
@@ -292,13 +291,8 @@ def test_columns_flag_maps_jsonl_task_keys(tiny, tmp_path):
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, capsys.readouterr().err
+    code, _, err = run_lmforge(monkeypatch, capsys, *args)
+    return code, err
 
 
 BAD = [

@@ -5,27 +5,14 @@ the command with one line and exit status 2; a mergekit-only config parameter (i
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
 import torch
 import yaml
+from cli_helpers import run_cli
 from merge_helpers import edit_config, family, weights
 
-from lmforge import cli
 from lmforge.merge.run import merge
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `lmforge ARGS`, run through the real entry point."""
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from lmforge import cli
 from lmforge.errors import UserError
@@ -21,17 +22,6 @@ from lmforge.models import load
 from lmforge.models.load import LoadedModel, load_model
 
 IDS = torch.tensor([[1, 40, 41, 42, 100, 200, 2]])
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_error_line(code: int, err: str) -> str:

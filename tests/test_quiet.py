@@ -15,6 +15,7 @@ import sys
 import warnings
 
 import pytest
+from cli_helpers import run_cli
 
 from lmforge.models.tiny import make_tiny_llama
 
@@ -92,20 +93,6 @@ def test_other_libraries_info_records_are_not_printed_as_lmforge_lines():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "arithmetic" in done.stdout, done.stderr
     assert done.stderr.splitlines() == ["lmforge: ours", "some.library: WARNING: theirs"]
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The real entry point in this process, with stdout and stderr captured (so not a terminal)."""
-    from lmforge import cli
-
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_piped_explain_and_compare_keep_whole_names_and_count_small_models_in_k(workspace, monkeypatch, capsys):

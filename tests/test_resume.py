@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli as run_lmforge
 
-from lmforge import cli
 from lmforge import config as config_io
 from lmforge.distill.run import DistillConfig, run_distill
 from lmforge.errors import UserError
@@ -63,13 +63,8 @@ def stop_after(step: int):
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["lmforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, capsys.readouterr().err
+    code, _, err = run_lmforge(monkeypatch, capsys, *args)
+    return code, err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
