@@ -6,9 +6,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmforge-installed
 
 .PHONY: setup test-tools peer-venv chromium demo test test-slow style quality
-# Independent setup steps (lmforge's virtualenv, the mergekit peer's, the browser) run at once; each target's
-# output is printed whole when it finishes.
-MAKEFLAGS += --jobs=3 --output-sync=target
 
 setup: $(STAMP)
 
@@ -26,7 +23,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/lmforge demo --out runs/demo
 
-test: setup test-tools
+# The independent setup steps (lmforge's virtualenv, the mergekit peer's, the browser) run at once, each one's
+# output printed whole when it finishes; the tests then stream as they run (so does `make demo`).
+test:
+	$(MAKE) --no-print-directory --jobs=3 --output-sync=target setup test-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -39,7 +39,7 @@ test: setup test-tools
 test-tools: peer-venv chromium
 
 # bench/peers.py needs only the standard library (mergekit shares no pins with lmforge), so the peer virtualenv
-# builds beside lmforge's own: `test` runs its prerequisites in parallel (MAKEFLAGS below).
+# builds beside lmforge's own: `test` runs its setup steps in parallel.
 peer-venv:
 	@$(PYTHON) bench/peers.py || \
 	{ echo "could not build bench/.venv-mergekit: the conformance tests skip here (fail under CI=true)"; [ "$$CI" != true ]; }
