@@ -228,7 +228,11 @@ def tune_command(
             raise
         kept = [o for o in overrides if o.partition("=")[0] not in ("resume", "overwrite")]
         again = shlex.join(["lmforge", "tune", *([config] if config else []), *kept, "--resume"])
-        print(f"lmforge: interrupted: the study in {study} is kept; continue it with: {again}", file=sys.stderr)
+        print(
+            f"lmforge: interrupted: the study in {study} is kept (the interrupted trial will run again from its "
+            f"start, not from its checkpoint); continue it with: {again}",
+            file=sys.stderr,
+        )
         raise typer.Exit(130) from None
     console.print(f"best trial {results.best_trial} (val_loss {results.best_value:.4f}) in {results.best}")
 

@@ -169,6 +169,7 @@ def test_ctrl_c_during_tune_is_one_line_that_keeps_the_study(tiny_llama, tmp_pat
     assert all(line.startswith("lmforge: ") for line in lines), err
     study = tmp_path / "out" / "study.db"
     assert lines[-1] == (
-        f"lmforge: interrupted: the study in {study} is kept; continue it with: lmforge tune {config} trials=2 --resume"
+        f"lmforge: interrupted: the study in {study} is kept (the interrupted trial will run again from its start, "
+        f"not from its checkpoint); continue it with: lmforge tune {config} trials=2 --resume"
     )
     assert study.is_file() and not list(trials.glob("*.work")) and not (tmp_path / "out" / "best").exists()
