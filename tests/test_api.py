@@ -171,3 +171,10 @@ def test_the_cli_starts_without_torch():
     code = "import sys, lmforge.cli, lmforge; dir(lmforge); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_evaluate_arguments_win_over_a_config_even_at_their_default(student_model):
+    """An argument given beside a config is applied over it, also when it equals EvalConfig's default."""
+    config = {"model": str(student_model), "tasks": ["dates"], "limit": 1, "num_fewshot": 1, "footprint": False}
+    assert lmforge.evaluate(config)["n-shot"]["dates"] == 1
+    assert lmforge.evaluate(config, num_fewshot=0)["n-shot"]["dates"] == 0

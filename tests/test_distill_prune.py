@@ -159,8 +159,12 @@ def test_fraction_rule_narrows_the_mlp_first_then_the_hidden_size(loaded):
         trial.hidden_size, trial.intermediate_size = shape.hidden_size, shape.intermediate_size
         trial.head_dim = config.hidden_size // config.num_attention_heads
         assert prune.param_count(trial) <= fraction * total
-        trial.hidden_size += 8  # one step wider no longer fits: the widest that fits was chosen
-        assert prune.param_count(trial) > fraction * total or shape.hidden_size == 32
+        # one step wider, in the dimension the rule moved last, no longer fits: the widest that fits was chosen
+        if shape.hidden_size == config.hidden_size:  # only the MLP narrowed
+            trial.intermediate_size += 8
+        else:  # the MLP at its floor, then the hidden size narrowed
+            trial.hidden_size += 8
+        assert prune.param_count(trial) > fraction * total
     with pytest.raises(UserError, match="already hold"):
         prune.target_shape(config, 1, prune.WidthSettings(params_fraction=0.95), total)
 
@@ -272,3 +276,12 @@ def test_distill_to_a_parameter_fraction(teacher, tmp_path, monkeypatch):
         AutoModelForCausalLM.from_pretrained(out).config.hidden_size
         == record["inputs"]["student"]["width"]["hidden_size"]
     )
+
+
+@pytest.mark.parametrize("width", [{"hidden_size": 24}, {"params_fraction": 0.6}, {"intermediate_size": 40}])
+def test_student_intermediate_and_width_are_one_mlp_width(width):
+    """student_intermediate narrows the MLP before width pruning reads the teacher's shape: any width with it is
+    refused when the config is read (a width.hidden_size beside it used to size the MLP from the teacher)."""
+    data = {"output": "unused", "student_layers": 2, "student_intermediate": 32, "width": width}
+    with pytest.raises(UserError, match="^config: width cannot go with student_intermediate"):
+        config_io.from_dict(data, DistillConfig)

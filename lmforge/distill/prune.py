@@ -301,6 +301,6 @@ def prune(model, keep: dict[str, torch.Tensor]):
         new = sliced(name, value.detach().cpu())
         if name in wanted and new.shape != wanted[name].shape:
             raise UserError(f"width pruning does not know how to slice {name} {tuple(value.shape)}: leave width unset")
-        state[name] = new.clone()
+        state[name] = new
     pruned.load_state_dict(state, strict=True)
     return pruned.to(model.device).eval()

@@ -100,8 +100,8 @@ class DistillConfig:
         config_io.require(self.student is None or self.student_layers is None, "student_layers", both)
         given = "cannot go with student (a given model): width prunes a student built from the teacher"
         config_io.require(self.student is None or not self.width.enabled, "width", given)
-        twice = "cannot go with width.intermediate_size: set the MLP width once"
-        config_io.require(self.student_intermediate is None or self.width.intermediate_size is None, "width", twice)
+        twice = "cannot go with student_intermediate: set the MLP width once, as width.intermediate_size"
+        config_io.require(self.student_intermediate is None or not self.width.enabled, "width", twice)
         for name in ("student_layers", "student_intermediate", "chunk_size"):
             config_io.at_least(self, name, 1)
         packs_generated = self.data.packing and (self.signal.kind == "on_policy" or self.rationale.enabled)
@@ -264,7 +264,8 @@ def _build_student(cfg, teacher_loaded: LoadedModel, calibration: dict, work: Pa
     config = students.student_config(teacher, layers, cfg.student_intermediate)
     model = students.random_student(config, cfg.train.seed).to(device)
     vocab = students.shared_vocab(teacher, model)
-    baseline = students.quality(model, teacher, calibration, vocab)  # before the teacher's weights go in
+    if shape is None:  # before the teacher's weights go in (a width-pruned student gets its own below)
+        baseline = students.quality(model, teacher, calibration, vocab)
     students.copy_teacher_weights(model, teacher, layers, importance)
     description = {"from_teacher_layers": layers, "rule": cfg.layer_rule, "intermediate": cfg.student_intermediate}
     if shape is not None:  # the random-init baseline is then one of the pruned shape

@@ -86,7 +86,7 @@ def sentence_embeddings(model: nn.Module, ids: Tensor, mask: Tensor, layer_names
     try:
         device = next(model.parameters()).device
         # The decoder alone: the layers' outputs are all that is read, so the LM head's logits are never formed.
-        model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device))
+        model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

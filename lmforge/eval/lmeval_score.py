@@ -14,8 +14,7 @@ import statistics
 import string
 
 from lmforge.eval.lmeval_yaml import Doc, YamlTask
-
-FEWSHOT_SEED = 1234  # lm-eval's fewshot seed
+from lmforge.eval.tasks import FEWSHOT_SEED
 
 
 def shots_for(task: YamlTask, doc: Doc, rng: random.Random) -> list[Doc]:

@@ -79,21 +79,22 @@ def evaluate(
     model: str | LoadedModel | Path | Mapping[str, Any] | EvalConfig,
     tasks: list[str] | None = None,
     limit: int | None = None,
-    num_fewshot: int = 0,
-    batch_size: int = 8,
-    footprint: bool = True,
-    dtype: str = "float32",
+    num_fewshot: int | None = None,
+    batch_size: int | None = None,
+    footprint: bool | None = None,
+    dtype: str | None = None,
     fewshot_file: str | Path | None = None,
     overrides: Sequence[str] = (),
     columns: dict[str, str] | None = None,
-    apply_chat_template: bool = False,
+    apply_chat_template: bool | None = None,
     system_instruction: str | None = None,
 ) -> dict:
     """Score a model on tasks; returns an lm-eval-shaped results dict (plus "samples" and "footprint").
 
     `evaluate(model, tasks, limit=50)`, or one config with these keys: `evaluate("eval.yaml")`,
     `evaluate({"model": "default", "tasks": ["dates"]})` or an EvalConfig, with `overrides` ("limit=5") and
-    any argument given besides applied over it.
+    any argument given besides applied over it. An argument left as None takes the config's value, else
+    EvalConfig's default (num_fewshot 0, batch_size 8, footprint on, float32, no chat template).
 
     Args:
         model: a model reference (see models.load) or an already loaded model; or a config (a .yaml file,
@@ -114,19 +115,30 @@ def evaluate(
             before the description and shots (as lm-eval).
     """
     is_config = isinstance(model, (Mapping, EvalConfig)) or str(model).endswith((".yaml", ".yml"))
+    given = {
+        "tasks": tasks,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "batch_size": batch_size,
+        "footprint": footprint,
+        "dtype": dtype,
+        "fewshot_file": None if fewshot_file is None else str(fewshot_file),
+        "columns": columns,
+        "apply_chat_template": apply_chat_template,
+        "system_instruction": system_instruction,
+    }
+    given = {key: value for key, value in given.items() if value is not None}  # None: the config's value
     if is_config or (overrides and not isinstance(model, LoadedModel)):
-        given = {"model": None if is_config else str(model), "tasks": tasks, "limit": limit}
-        given |= {"num_fewshot": num_fewshot, "batch_size": batch_size, "footprint": footprint, "dtype": dtype}
-        defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)} | {"model": None, "tasks": None}
-        settings = {k: v for k, v in given.items() if v != defaults[k]}
-        if fewshot_file is not None:
-            settings["fewshot_file"] = str(fewshot_file)
-        extras = {"columns": columns, "apply_chat_template": apply_chat_template}
-        settings |= {k: v for k, v in (extras | {"system_instruction": system_instruction}).items() if v}
+        settings = given if is_config else {"model": str(model), **given}
         cfg = config_io.resolve(model if is_config else None, EvalConfig, overrides, **settings)
         return evaluate(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig)})
     if overrides:
         raise TypeError("overrides apply to a config (a .yaml file, a dict or an EvalConfig), not to a loaded model")
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
+    num_fewshot, batch_size, footprint, dtype, apply_chat_template = (
+        given.get(key, defaults[key])
+        for key in ("num_fewshot", "batch_size", "footprint", "dtype", "apply_chat_template")
+    )
     if not tasks:
         raise UserError("no task given: pass --task NAME (see `lmforge tasks`)")
     if num_fewshot < 0 or batch_size < 1 or (limit is not None and limit < 1):

@@ -51,8 +51,6 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings):
     """Wrap `model` with a fresh LoRA adapter; only adapter weights stay trainable."""
     from peft import LoraConfig, get_peft_model
 
-    if settings.r < 1:
-        raise UserError(f"lora.r must be >= 1, got {settings.r}")
     targets: str | list[str] = settings.target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"

@@ -266,9 +266,9 @@ def trials_table(study: optuna.Study) -> Table:
 
 def _base_scores(study: optuna.Study, loaded, cfg: TuneConfig) -> dict | None:
     """The base model's scores on the report's tasks: computed once per study and kept in it, so neither the
-    trials nor a resumed run score the base again (unless the eval settings changed)."""
+    trials nor a resumed run score the base again (unless the base model or the eval settings changed)."""
     tasks = report_tasks(cfg.eval, cfg.data.task)
-    key = json.dumps([tasks, config_io.to_dict(cfg.eval)], sort_keys=True)
+    key = json.dumps([cfg.model, str(loaded.folder), tasks, config_io.to_dict(cfg.eval)], sort_keys=True)
     kept = study.user_attrs.get("base_scores")
     if kept is None or kept["key"] != key:
         scores = score(loaded, tasks, cfg.eval)
