@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from lmforge import config as config_io
 from lmforge.errors import UserError
+from lmforge.train.chunked import model_inputs
 
 SUPPORTED = ("llama",)  # the layout sliced below; tested on LlamaForCausalLM only
 
@@ -210,11 +211,10 @@ def importance(model, batches) -> dict[str, torch.Tensor]:
             ids = batch["input_ids"].to(model.device)
             mask = batch.get("attention_mask")
             state["mask"] = (torch.ones_like(ids) if mask is None else mask.to(model.device)).bool()
-            inputs = {"input_ids": ids, "attention_mask": mask.to(model.device) if mask is not None else None}
-            if batch.get("position_ids") is not None:
-                inputs["position_ids"] = batch["position_ids"].to(model.device)
             row_hidden.clear()
-            decoder(**inputs, use_cache=False)
+            # the training forward's arguments: packed rows (position_ids) attend within their own examples
+            inputs = model_inputs(batch)
+            decoder(**{key: v.to(model.device) if isinstance(v, torch.Tensor) else v for key, v in inputs.items()})
             add("hidden", torch.stack(row_hidden).sum(0))
     finally:
         for handle in handles:

@@ -27,7 +27,7 @@ from lmforge.distill import prune
 from lmforge.distill.objectives import DenseTeacher, Objective, distill_loss
 from lmforge.errors import UserError
 from lmforge.eval.scoring import LOGIT_TRANSFORMS
-from lmforge.train.chunked import _model_inputs, on_model_device
+from lmforge.train.chunked import model_inputs, on_model_device
 
 log = logging.getLogger("lmforge.distill")
 
@@ -94,7 +94,7 @@ def completion_rows(model, batch: dict, vocab: int):
     batch = on_model_device(model, batch)
     targets = batch["labels"][:, 1:]  # (batch, seq - 1)
     keep = targets != IGNORE_INDEX
-    hidden = model.get_decoder()(**_model_inputs(batch)).last_hidden_state[:, :-1][keep]
+    hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state[:, :-1][keep]
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     if len(weight) > vocab:  # a slice only when needed: its backward makes a vocabulary-sized copy
@@ -167,7 +167,7 @@ def mlp_importance(teacher, batch: dict) -> list[torch.Tensor]:
 
         handles.append(down.register_forward_pre_hook(hook))
     try:
-        teacher.get_decoder()(**_model_inputs(batch))
+        teacher.get_decoder()(**model_inputs(batch))
     finally:
         for handle in handles:
             handle.remove()

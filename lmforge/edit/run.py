@@ -142,14 +142,14 @@ def run_edit(cfg: EditConfig) -> Path:
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:
         raise UserError(f"output folder {output} exists: set overwrite: true (or --overwrite), or choose another")
+    pairs = load_pairs(cfg)  # a bad pairs file or too few pairs fail before the model loads
+    if cfg.k > len(pairs):
+        raise UserError(f"k={cfg.k} needs at least {cfg.k} pairs, {cfg.data} gives {len(pairs)}: lower k or add pairs")
     loaded = load_model(cfg.model)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     available = profs.find_projections(model)
     upper_half = list(available)[len(available) // 2 :]
     layers = profs.check_layers(cfg.layers if cfg.layers is not None else upper_half, list(available))
-    pairs = load_pairs(cfg)
-    if cfg.k > len(pairs):
-        raise UserError(f"k={cfg.k} needs at least {cfg.k} pairs, {cfg.data} gives {len(pairs)}: lower k or add pairs")
 
     margin_pairs = pairs[:MARGIN_PAIRS]
     margin_before = preference_margin(model, tokenizer, margin_pairs, cfg.max_length)

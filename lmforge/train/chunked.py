@@ -127,7 +127,7 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
         (summed fp32 loss, {"tokens": labelled-token count, "loss": mean loss per labelled token}).
     """
     batch = on_model_device(model, batch)
-    inputs = _model_inputs(batch)
+    inputs = model_inputs(batch)
     labels = batch["labels"]
     if any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
         # Softcapping or scaling sits between the head and the softmax: use the model's own full logits.
@@ -150,7 +150,7 @@ def on_model_device(model, batch: dict) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) and v.device != device else v for k, v in batch.items()}
 
 
-def _model_inputs(batch: dict) -> dict:
+def model_inputs(batch: dict) -> dict:
     """Forward arguments for a batch: packed rows (with position_ids) go without the 2D mask (see causal_lm_loss)."""
     packed = batch.get("position_ids") is not None
     return {
@@ -177,7 +177,7 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024) -> Tensor:
         (batch,) fp32 log-likelihoods; 0 for a row with no labelled token.
     """
     batch = on_model_device(model, batch)
-    inputs = _model_inputs(batch)
+    inputs = model_inputs(batch)
     targets = batch["labels"][:, 1:]  # (batch, seq - 1)
     keep = targets != IGNORE_INDEX
     if any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
