@@ -43,7 +43,7 @@ NO_EFFECT_PARAMETERS = {
     "floats); the merged values are the same either way",
 }
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
-_TOP_KEYS = (
+TOP_KEYS = (
     "merge_method",
     "models",
     "slices",
@@ -112,7 +112,7 @@ def read(config: str | Path | dict) -> MergeConfig:
         data, where = config_io.read_yaml(Path(config)), str(config)
     if not isinstance(data, dict):
         raise UserError(f"{where}: the top level must be a mapping (merge_method:, models: ...)")
-    _check_keys(data, _TOP_KEYS, "", where)
+    _check_keys(data, TOP_KEYS, "", where)
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise UserError(f"{where}: missing merge_method: use one of {', '.join(accepted_methods())}")

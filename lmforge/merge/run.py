@@ -85,11 +85,11 @@ def merge(
     if out is None:
         raise TypeError("merge() needs out, the output model folder")
     keys = {k: options.pop(k) for k in list(options) if k not in OPTIONS and k != "random_seed"}
-    unknown = sorted(set(keys) - set(merge_config._TOP_KEYS))
+    unknown = sorted(set(keys) - set(merge_config.TOP_KEYS))
     if unknown:
         raise UserError(
             f"unknown merge option(s) {unknown}: options are {', '.join(OPTIONS)}; mergekit keys are "
-            + ", ".join(merge_config._TOP_KEYS)
+            + ", ".join(merge_config.TOP_KEYS)
         )
     if config is None or overrides or keys:
         config = config_io.as_mapping(config, overrides, **keys)
