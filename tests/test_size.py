@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmforge"
 MODULE_LIMIT = 600
-PACKAGE_BUDGET = 15_000  # raise deliberately, in its own commit, when a new capability lands
+PACKAGE_BUDGET = 20_000  # raised from 15,000 for issues 16-19 (engines, MoE, fusion, filter, mix); raise deliberately
 
 
 def module_sizes(package: Path) -> dict[str, int]:
