@@ -278,13 +278,47 @@ def data_export(
     task: Annotated[str, typer.Argument(help="built-in task name (see `lmforge tasks`)")],
     split: Annotated[str, typer.Option(help="train | test")] = "train",
     out: Annotated[Path | None, typer.Option(help="jsonl file to write (default TASK-SPLIT.jsonl)")] = None,
+    noise: Annotated[float, typer.Option(help="give this share of records another record's answer (seeded)")] = 0.0,
 ) -> None:
     """Write a built-in task's split as jsonl (prompt/answer records)."""
     from lmforge.data.synthetic import export_jsonl
 
     path = out or Path(f"{task}-{split}.jsonl")
-    count = export_jsonl(task, split, path)
-    console.print(f"wrote {count} records to {path}")
+    count = export_jsonl(task, split, path, noise)
+    console.print(f"wrote {count} records to {path}" + (f" ({noise:.0%} with wrong answers)" if noise else ""))
+
+
+@data_app.command("filter")
+def data_filter(
+    args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key=value ...]")] = None,
+    data: Annotated[str | None, typer.Option(help="data file or folder of prompt/completion records")] = None,
+    task: Annotated[str | None, typer.Option(help="a built-in task's train split instead of --data")] = None,
+    out: Annotated[str | None, typer.Option(help="output folder: kept.jsonl, dropped.jsonl, reasons.csv")] = None,
+    model: Annotated[str | None, typer.Option(help="model that scores IFD and NLL (default: 'default')")] = None,
+    verify: Annotated[str | None, typer.Option(help="built-in task whose exact answers completions must equal")] = None,
+    ifd_max: Annotated[float | None, typer.Option(help="largest IFD kept (default 1.0)")] = None,
+    nll_max: Annotated[float | None, typer.Option(help="largest mean NLL per answer token kept, nats")] = None,
+    keep_fraction: Annotated[float | None, typer.Option(help="keep this share of the survivors (see keep_by)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+) -> None:
+    """Drop records by IFD, model NLL, exact answers, repetition and truncation; print why each went."""
+    from lmforge.data.filter import filter_data, print_reasons
+    from lmforge.overrides import command_line
+
+    flags = {
+        "--data": ("data", data),
+        "--task": ("task", task),
+        "--out": ("output", out),
+        "--model": ("model", model),
+        "--verify": ("verify", verify),
+        "--ifd-max": ("ifd_max", ifd_max),
+        "--nll-max": ("nll_max", nll_max),
+        "--keep-fraction": ("keep_fraction", keep_fraction),
+        "--overwrite": ("overwrite", overwrite),
+    }
+    result = filter_data(*command_line(args, flags))
+    print_reasons(result, console)
+    console.print(f"kept records in {result.output / 'kept.jsonl'}; dropped ones and why in {result.output}")
 
 
 @data_app.command("preview")

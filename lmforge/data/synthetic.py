@@ -133,7 +133,7 @@ _CITIES = [
     "Cusco",
     "Split",
 ]
-_PHRASINGS = [
+PHRASINGS = [
     "{name} is {age} years old and lives in {city}.",
     "Meet {name}, a {age}-year-old from {city}.",
     "Living in {city}, {name} turned {age} this spring.",
@@ -146,7 +146,7 @@ _PHRASINGS = [
 def make_extraction(rng: random.Random) -> dict:
     """Structured extraction: pull name, age and city out of a varied sentence into compact JSON."""
     name, city, age = rng.choice(_NAMES), rng.choice(_CITIES), rng.randint(18, 90)
-    sentence = rng.choice(_PHRASINGS).format(name=name, age=age, city=city)
+    sentence = rng.choice(PHRASINGS).format(name=name, age=age, city=city)
     prompt = (
         "Extract the person's name, age and city from the sentence below. Answer with one line of "
         'JSON only, keys in this order: {"name": ..., "age": ..., "city": ...}.\n'
@@ -214,9 +214,16 @@ def examples(task: str, split: str, n: int | None = None) -> list[dict]:
     return [{"prompt": prompt, "answer": answer} for prompt, answer in records]
 
 
-def export_jsonl(task: str, split: str, path: str | Path) -> int:
-    """Write `task`'s `split` to `path`, one JSON object per line; return the number of records."""
+def export_jsonl(task: str, split: str, path: str | Path, noise: float = 0.0) -> int:
+    """Write `task`'s `split` to `path`, one JSON object per line; return the number of records.
+
+    `noise` gives that share of the records another record's answer (data/answers.py `corrupt`, seeded).
+    """
     records = examples(task, split)
+    if noise:
+        from lmforge.data.answers import corrupt  # it reads this module's phrasings
+
+        records, _ = corrupt(records, noise)
     with Path(path).open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -5,7 +5,8 @@ schema), which keys name models (checked to exist), where the output folder goes
 (`estimate.py`) and how to run it: `run(config_file, output, overwrite) -> output`, a call to the public
 API with the YAML file the runner wrote. finetune, distill and merge are the commands of those names;
 `eval` is `run_eval`; `data` writes built-in task records as files; `select` picks the best model among
-eval runs (so a recipe can distill "the best merge"); `compare` writes the report; `export` writes a
+eval runs (so a recipe can distill "the best merge"); `filter` is `lmforge data filter` (its output holds
+kept.jsonl, a later step's data.path); `compare` writes the report; `export` writes a
 model as one GGUF file (its output is that file, so later steps can load it). A kind whose module
 is not installed is refused before any step runs.
 """
@@ -202,6 +203,16 @@ def _run_data(config_file: Path, output: Path, overwrite: bool) -> Path:
     return output
 
 
+def _run_filter(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from rich.console import Console
+
+    from lmforge.data.filter import filter_data, print_reasons
+
+    result = filter_data(config_file, ["overwrite=true"] if overwrite else [])
+    print_reasons(result, Console())
+    return result.output
+
+
 def _run_export(config_file: Path, output: Path, overwrite: bool) -> Path:
     from lmforge.models.gguf_export import export_gguf
     from lmforge.outputs import staged_output
@@ -274,6 +285,11 @@ KINDS: dict[str, Kind] = {
         estimate=estimate.evaluation,
     ),
     "data": Kind(run=_run_data, check=_checker("lmforge.recipe.kinds:DataStep"), estimate=estimate.data),
+    "filter": Kind(
+        run=_run_filter,
+        check=_checker("lmforge.data.filter:FilterConfig"),
+        models=lambda config: models_at(config, "model") or ["default"],
+    ),
     "select": Kind(run=_run_select, check=_check_select, estimate=estimate.select),
     "compare": Kind(run=_run_compare, check=_checker("lmforge.recipe.kinds:CompareStep")),
     "export": Kind(
