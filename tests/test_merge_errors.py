@@ -129,7 +129,7 @@ def test_disk_full_is_reported_before_any_work(models, tmp_path, monkeypatch):
     [
         ({"merge_methd": "ties"}, ["unknown key 'merge_methd'", "did you mean 'merge_method'"]),
         ({"merge_method": "tie"}, ["unknown merge_method 'tie'", "did you mean 'ties'", "dare_ties"]),
-        ({"merge_method": "ram"}, ["'ram' (a mergekit method) is not implemented"]),
+        ({"merge_method": "ramplus"}, ["unknown merge_method 'ramplus'", "did you mean 'ramplus_tl'"]),
         ({"parameters": {"densty": 0.5}}, ["unknown parameter 'parameters.densty'", "did you mean 'density'"]),
         ({"parameters": {"density": "high"}}, ["parameters.density", "must be float"]),
         ({"parameters": {"weight": [{"filter": 3, "value": 1}]}}, ["filter must be a string"]),

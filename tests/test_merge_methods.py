@@ -170,6 +170,58 @@ def sce_selects_by_variance_and_weights_by_energy():
     torch.testing.assert_close(_run("sce", [base, a, b], 0, {"select_topk": 0.5}), want)
 
 
+def arcee_fusion_takes_the_changes_above_the_importance_fence():
+    base, tuned = _tensors(2)
+    kl = []
+    for row_base, row_tuned in zip(base, tuned, strict=True):  # KL of the two rows' softmaxes, row by row
+        p, q = torch.softmax(row_tuned, 0) + 1e-8, torch.softmax(row_base, 0) + 1e-8
+        kl.append(float(sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist(), strict=True))))
+    importance = (tuned - base).abs() * torch.tensor(kl).unsqueeze(1)
+    ordered = sorted(importance.flatten().tolist())
+    q1, median, q3 = (ordered[int(q * (len(ordered) - 1))] for q in (0.25, 0.5, 0.75))
+    take = importance >= median + 1.5 * (q3 - q1)
+    got = _run("arcee_fusion", [base, tuned], 0)
+    torch.testing.assert_close(got, torch.where(take, tuned, base))
+    assert 0 < int(take.sum()) < take.numel() // 4  # only the outliers of importance move
+
+
+def _ram_naive(tensors: list[torch.Tensor], epsilon: float, r: float | None = None, alpha: float = 0.2):
+    """Element by element: changes above epsilon; one changer keeps its change (times its RAM+ scale),
+    several average theirs."""
+    base, deltas = tensors[0], [t - tensors[0] for t in tensors[1:]]
+    changed = [(d.abs() > epsilon).flatten().tolist() for d in deltas]
+    flat = [d.flatten().tolist() for d in deltas]
+    n = base.numel()
+    scales = [1.0] * len(deltas)
+    if r is not None:
+        for i, mine in enumerate(changed):
+            shared = sum(1 for j in range(n) if mine[j] and sum(c[j] for c in changed) > 1)
+            unique = sum(1 for j in range(n) if mine[j] and sum(c[j] for c in changed) == 1)
+            scales[i] = 1 + r * min(max(shared / max(unique, epsilon), 0), alpha)
+    out = []
+    for j in range(n):
+        movers = [i for i in range(len(deltas)) if changed[i][j]]
+        if len(movers) == 1:
+            out.append(flat[movers[0]][j] * scales[movers[0]])
+        else:
+            out.append(sum(flat[i][j] for i in movers) / max(len(movers), 1))
+    return base + torch.tensor(out).view_as(base)
+
+
+def ram_keeps_unique_changes_and_averages_shared_ones():
+    tensors = _tensors(4, scale=0.02)  # std 0.02 deltas against epsilon 0.02: unique, shared and no changes
+    got = _run("ram", tensors, 0, {"epsilon": 0.02})
+    torch.testing.assert_close(got, _ram_naive(tensors, 0.02))
+    assert not torch.allclose(got, _run("linear", tensors[1:], None, per_input=[{"weight": 1.0}] * 3))
+
+
+def ramplus_tl_scales_unique_changes_by_the_shared_ratio():
+    tensors = _tensors(3, scale=0.02)
+    got = _run("ramplus_tl", tensors, 0, {"epsilon": 0.02, "r": 0.5, "alpha": 0.6})
+    torch.testing.assert_close(got, _ram_naive(tensors, 0.02, r=0.5, alpha=0.6))
+    assert not torch.allclose(got, _run("ram", tensors, 0, {"epsilon": 0.02}))
+
+
 def passthrough_scales_or_copies():
     (a,) = _tensors(1)
     torch.testing.assert_close(_run("passthrough", [a], None, per_input=[{"scale": None}]), a)
@@ -316,6 +368,9 @@ CASES = {
     "nearswap": nearswap_blends_toward_the_other_model_where_close,
     "sce": sce_selects_by_variance_and_weights_by_energy,
     "passthrough": passthrough_scales_or_copies,
+    "arcee_fusion": arcee_fusion_takes_the_changes_above_the_importance_fence,
+    "ram": ram_keeps_unique_changes_and_averages_shared_ones,
+    "ramplus_tl": ramplus_tl_scales_unique_changes_by_the_shared_ratio,
 }
 
 

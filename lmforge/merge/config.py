@@ -21,7 +21,7 @@ from typing import Any
 
 from lmforge import config as config_io
 from lmforge.errors import UserError
-from lmforge.merge.methods import ALL_PARAMETER_NAMES, METHODS, NOT_IMPLEMENTED, Param
+from lmforge.merge.methods import ALL_PARAMETER_NAMES, METHODS, Param
 
 log = logging.getLogger("lmforge.merge")
 
@@ -164,9 +164,6 @@ def accepted_methods() -> list[str]:
 
 
 def _unknown_method(method: str) -> str:
-    if method in NOT_IMPLEMENTED:
-        accepted = ", ".join(accepted_methods())
-        return f"merge_method '{method}' (a mergekit method) is not implemented: use one of {accepted}"
     close = difflib.get_close_matches(method, accepted_methods(), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"unknown merge_method '{method}': {hint}accepted: {', '.join(accepted_methods())}"

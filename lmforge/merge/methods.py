@@ -372,6 +372,62 @@ def sce(x: Inputs) -> torch.Tensor:
     return base + (vectors * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
 
 
+def arcee_fusion(x: Inputs) -> torch.Tensor:
+    """Arcee Fusion: take the fine-tune's value only where its change is important, else keep the base.
+
+    Importance is |ft - base| times the row's KL(softmax(ft) || softmax(base)) over the last dimension; an
+    element is taken when its importance reaches median + 1.5 IQR of all importances (Tukey's outlier fence).
+    Quantiles are the sorted importances at index floor(q (n - 1)), as mergekit computes them, but exact for
+    every size: mergekit samples 1M elements of larger tensors with an unseeded draw (not reproducible).
+    """
+    base, tuned = x.tensors[x.base], x.tensors[x.others[0]]
+    p = torch.softmax(tuned, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)  # (..., 1): one divergence per row
+    importance = (tuned - base).abs().mul_(kl).reshape(-1)
+    # float32 index arithmetic as mergekit's (q * (n - 1)).long(), so the same elements are read
+    ranks = (torch.tensor([0.25, 0.5, 0.75]) * (importance.numel() - 1)).long().tolist()
+    q1, median, q3 = (sparsify.kth_smallest(importance, rank + 1) for rank in ranks)
+    keep = importance.view_as(base) >= median + 1.5 * (q3 - q1)
+    return base + (tuned - base) * keep
+
+
+def _ram_task_vectors(x: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(task vectors (k, n) zeroed where |tv| <= epsilon, that mask, how many inputs change each element (1, n))."""
+    base = x.tensors[x.base]
+    vectors = torch.stack([x.tensors[i] - base for i in x.others]).view(len(x.others), -1)
+    changed = vectors.abs() > x.shared["epsilon"]
+    return vectors * changed, changed, changed.sum(dim=0, keepdim=True)
+
+
+def ram(x: Inputs) -> torch.Tensor:
+    """RAM (Reinforced Agent Merging): a change made by one input is kept whole, shared ones are averaged.
+
+    Elements an input changes by at most `epsilon` count as unchanged, so a sparse (RL-style) update is not
+    diluted by the inputs that left the element alone, as a plain average would.
+    """
+    base = x.tensors[x.base]
+    if not x.others:
+        return base
+    vectors, _, counts = _ram_task_vectors(x)
+    merged = (vectors * (counts == 1) + vectors * (counts > 1) / counts.clamp(min=1)).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
+def ramplus_tl(x: Inputs) -> torch.Tensor:
+    """RAM+ (tensor-local): as RAM, with each input's unique changes scaled up by 1 + r min(rho, alpha), rho being
+    its shared-to-unique changed-element ratio in this tensor (mergekit's tensor-local reading of the paper)."""
+    base = x.tensors[x.base]
+    if not x.others:
+        return base
+    vectors, changed, counts = _ram_task_vectors(x)
+    unique, overlap = counts == 1, counts > 1
+    rho = (changed & overlap).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=x.shared["epsilon"])
+    scale = 1 + x.shared["r"] * rho.clamp(min=0, max=x.shared["alpha"])  # (k,)
+    merged = (vectors * unique * scale.unsqueeze(-1) + vectors * overlap / counts.clamp(min=1)).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
 def passthrough(x: Inputs) -> torch.Tensor:
     """Copy the one input, optionally scaled (frankenmerges, layer stacking, zeroed projections)."""
     scale = x.per_input[0]["scale"]
@@ -492,8 +548,16 @@ METHODS: dict[str, Method] = {
         reference="https://arxiv.org/abs/2408.07990",
     ),
     "passthrough": Method(passthrough, (Param("scale", float, "input", None),), max_inputs=1, elementwise=True),
+    "arcee_fusion": Method(arcee_fusion, (), base="required", min_inputs=2, max_inputs=2, reference="https://arcee.ai"),
+    "ram": Method(
+        ram, (Param("epsilon", float, default=1e-5),), base="required", reference="https://arxiv.org/abs/2601.13572"
+    ),
+    "ramplus_tl": Method(
+        ramplus_tl,
+        (Param("r", float, default=0.1), Param("alpha", float, default=0.2), Param("epsilon", float, default=1e-5)),
+        base="required",
+        reference="https://arxiv.org/abs/2601.13572",
+    ),
 }
 
-# mergekit methods lmforge does not implement (so the error can say so instead of "unknown").
-NOT_IMPLEMENTED = ("arcee_fusion", "ram", "ramplus_tl")
 ALL_PARAMETER_NAMES = frozenset(p.name for m in METHODS.values() for p in m.params)
