@@ -31,6 +31,7 @@ from lmforge import config as config_io
 from lmforge.errors import UserError
 from lmforge.models.compat import checkpointing_rename_quiet
 from lmforge.train.allocator import return_freed_memory_to_os
+from lmforge.train.engines import make_accelerator
 from lmforge.train.in_backward import StepInBackward
 from lmforge.train.tied import densify_gradients, lean_tied_embedding
 
@@ -88,10 +89,16 @@ class TrainConfig:
     memory drops to about one layer's, for about one more forward pass of compute. The update is the same."""
     tensorboard: bool = False
     """Also write the log as TensorBoard scalars to work_dir/tensorboard (needs `pip install tensorboard`)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16", False] = "auto"
+    """Forward/backward precision (train/engines.py): auto is bf16 on a GPU that computes it and no (float32)
+    elsewhere; fp16 needs a CUDA GPU. Master weights and optimiser state stay float32; run.json keeps the
+    precision used. YAML's bare `no` reads as false, which means no."""
 
     def __post_init__(self) -> None:
         """Refuse, when the config is read (before any model loads), values no run can use and what
         optimizer_in_backward cannot honour."""
+        if self.mixed_precision is False:
+            object.__setattr__(self, "mixed_precision", "no")
         config_io.above(self, "lr", 0)
         for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
             config_io.at_least(self, name, 1)
@@ -281,7 +288,7 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     if cfg.release_memory:
         return_freed_memory_to_os()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg.mixed_precision)  # refuses engines and precisions this machine lacks
     torch.manual_seed(cfg.seed)
     params = list(_trainable(model).values())
     if cfg.optimizer_in_backward and accelerator.num_processes != 1:
