@@ -31,6 +31,7 @@ _API = {
     "tune": "lmforge.finetune.search:tune",
     "distill": "lmforge.distill.run:distill",
     "merge": "lmforge.merge.run:merge",
+    "moe": "lmforge.merge.moe:moe",
     "edit": "lmforge.edit.run:edit",
     "run": "lmforge.recipe.runner:run_recipe",
     "run_recipe": "lmforge.recipe.runner:run_recipe",

@@ -21,6 +21,7 @@ from lmforge.data.columns import parse_columns
 from lmforge.distill.command import distill_command
 from lmforge.errors import UserError
 from lmforge.merge.command import merge_command
+from lmforge.merge.moe_command import moe_command
 from lmforge.recipe.command import compare_command, demo_command, run_command
 
 app = typer.Typer(
@@ -253,6 +254,7 @@ def export_command(
 
 app.command("distill")(distill_command)
 app.command("merge")(merge_command)
+app.command("moe")(moe_command)
 app.command("run")(run_command)
 app.command("demo")(demo_command)
 app.command("compare")(compare_command)
