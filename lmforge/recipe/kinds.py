@@ -163,6 +163,25 @@ def _run_merge(config_file: Path, output: Path, overwrite: bool) -> Path:
     return merge(config_file, output, overwrite=overwrite)
 
 
+def _run_moe(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from lmforge.merge.moe import moe
+
+    return moe(config_file, output, overwrite=overwrite)
+
+
+def _check_moe(config: dict, where: str) -> None:
+    from lmforge.merge.moe import check, read_config  # the moe command's own validator
+
+    check(read_config(config)[0], where)
+
+
+def _moe_models(config: dict) -> list[str]:
+    experts = list(config.get("experts") or []) + list(config.get("shared_experts") or [])
+    return models_at(config, "base_model") + [
+        m for e in experts if isinstance(e, dict) for m in models_at(e, "source_model")
+    ]
+
+
 def _run_eval(config_file: Path, output: Path, overwrite: bool) -> Path:
     from lmforge.eval.run import run_eval
     from lmforge.report.tables import print_results
@@ -278,6 +297,7 @@ KINDS: dict[str, Kind] = {
         output_key=None,
         needs="lmforge.merge",
     ),
+    "moe": Kind(run=_run_moe, check=_check_moe, models=_moe_models, output_key=None, needs="lmforge.merge"),
     "eval": Kind(
         run=_run_eval,
         check=_checker("lmforge.recipe.kinds:EvalStep"),
