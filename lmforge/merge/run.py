@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from lmforge import config as config_io
+from lmforge.cache import cache_dir
 from lmforge.errors import UserError
 from lmforge.merge import config as merge_config
 from lmforge.merge import engine, expand, plan
 from lmforge.merge import vocab as vocab_io
 from lmforge.merge.methods import METHODS, REQUIRED
 from lmforge.models.compat import checkpointing_rename_quiet
-from lmforge.models.load import adapter_base, cache_dir, resolve_model
+from lmforge.models.load import adapter_base, resolve_model
 from lmforge.outputs import CardTable, model_card, staged_output, write_run_files
 from lmforge.report.record import RunMeter, run_record
 

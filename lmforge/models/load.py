@@ -11,7 +11,6 @@ and an adapter's base is looked for as written, then beside the adapter, before 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lmforge.cache import cache_dir, file_sha256
 from lmforge.errors import UserError
 from lmforge.models.compat import checkpointing_rename_quiet
 
@@ -49,11 +49,6 @@ class LoadedModel:
     ref: str
     folder: Path
     load_s: float
-
-
-def cache_dir() -> Path:
-    """Where converted GGUF folders live: $LMFORGE_CACHE, else ~/.cache/lmforge."""
-    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
 
 
 def default_gguf_path() -> Path:
@@ -150,15 +145,6 @@ def check_safetensors(file: Path) -> None:
         )
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _gguf_cache_folder(stem: str, key: str) -> Path:
     """Where the converted folder of a GGUF file lives: keyed by the file's hash and the folder format."""
     return cache_dir() / "gguf" / f"{stem}-{key}-{GGUF_FOLDER_FORMAT}"
@@ -233,6 +219,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "auto",
     trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Resolve `ref` and load a causal LM and its tokenizer, in eval mode.
 
@@ -242,14 +229,23 @@ def load_model(
         device: torch device string; auto: the GPU when there is one (scoring, generation and training
             then run there), else the CPU.
         trust_remote_code: run the model folder's own Python code (off unless the user asks).
+        quantize: nf4 | int8 loads the linear layers through bitsandbytes (QLoRA's base; models/quantize.py).
     """
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype '{dtype}': use one of {', '.join(_DTYPES)}")
     folder = resolve_model(ref)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+    adapter = (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+    if adapter and quantize:
+        raise UserError(f"lora.quantize loads a base model, and {folder} is an adapter: merge it first (--merge)")
+    if adapter:
         return _load_adapter(folder, dtype, device, trust_remote_code)
+    placed = {}
+    if quantize:
+        from lmforge.models.quantize import loading_arguments
+
+        placed = loading_arguments(quantize, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -257,11 +253,13 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=_DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+            folder, dtype=_DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code, **placed
         )
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model from {folder}: {str(err).splitlines()[0]}") from None
-    model.to(device).eval()
+    if not quantize:  # a quantised model is placed while it loads
+        model.to(device)
+    model.eval()
     _name_base(model, _base_reference(str(ref), folder))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

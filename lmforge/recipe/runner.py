@@ -31,6 +31,7 @@ from rich.table import Table
 
 from lmforge import config as config_io
 from lmforge import logs
+from lmforge.cache import file_sha256
 from lmforge.errors import UserError
 from lmforge.recipe import estimate as estimates
 from lmforge.recipe.kinds import KINDS, Kind
@@ -203,24 +204,8 @@ def content_digest(path: Path) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     digest = hashlib.sha256()
     for file in files:
-        digest.update(f"{file.name}\0{_file_sha256(file)}\0".encode())
+        digest.update(f"{file.name}\0{file_sha256(file)}\0".encode())
     return digest.hexdigest()
-
-
-_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256: a folder cited by many steps is read once
-
-
-def _file_sha256(file: Path) -> str:
-    stat = file.stat()
-    key = (str(file.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHED:
-        digest, buffer = hashlib.sha256(), bytearray(1 << 20)
-        view = memoryview(buffer)
-        with open(file, "rb", buffering=0) as handle:
-            while count := handle.readinto(buffer):
-                digest.update(view[:count])
-        _HASHED[key] = digest.hexdigest()
-    return _HASHED[key]
 
 
 def _strings(value):
