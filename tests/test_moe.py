@@ -181,6 +181,15 @@ def test_routing_accuracy_is_recorded(models, tmp_path):
     for i, task in enumerate(["dates", "extraction"]):
         assert abs(sum(routing["shares"][task]) - 1) < 1e-3
         assert routing["by_task"][task] == routing["shares"][task][i]
+    # The comparison report shows active next to total parameters, and the routing accuracy.
+    from lmforge.report.compare import footprint_table, load_rows, method_details
+
+    rows = load_rows([str(out), str(out)])  # the second copy stands in for a baseline row
+    record = json.loads((out / "run.json").read_text())
+    active = record["metrics"]["moe"]["params_active"] / 1e3
+    assert f"({active:.1f} K active)" in footprint_table(rows).rows[0][1]
+    _, details = method_details(rows, rows[1], ["dates", "extraction"])
+    assert f"routing accuracy dates {routing['by_task']['dates']:.0%}" in details[0][5]
 
 
 # ---------------------------------------------------------------- bad inputs: one line, nothing written

@@ -27,7 +27,7 @@ from lmforge.report.rows import LOWER_IS_BETTER, MIB, Comparison, Row, TableData
 from lmforge.report.tables import table_console
 
 HEADLINE = ("exact_match", "acc", "acc_norm", "perplexity", "bits_per_byte")
-FAMILIES = {"finetune": "fine-tuning", "distill": "distillation", "merge": "merge"}
+FAMILIES = {"finetune": "fine-tuning", "distill": "distillation", "merge": "merge", "edit": "edit"}
 KEEPS = 0.8  # a merge pays off when it keeps this share of every expert's gain
 RETAINS = 0.9  # a student pays off when it keeps this share of its teacher's score ...
 FASTER = 1.2  # ... and generates at least this much faster
@@ -209,8 +209,8 @@ def compare(
                 "verdict",
             ],  # fmt: skip
             method_rows,
-            "Gains are against the baseline; wall times of fine-tuning and distillation include the before/after "
-            "scoring those commands do themselves.",
+            "Gains are against the baseline; wall times of fine-tuning, distillation and editing include the "
+            "before/after scoring those commands do themselves.",
         ),
     ]
     comparison = Comparison(title, rows, base_label, tasks, tables, verdicts)
@@ -260,6 +260,11 @@ def scores_table(rows: list[Row], base: Row, tasks: list[str]) -> TableData:
     return TableData("score per task", columns, body, note)
 
 
+def _moe_metrics(row: Row) -> dict:
+    """A mixture of experts' own metrics (lmforge moe's run.json): active parameters, routing accuracy."""
+    return ((row.producer or {}).get("metrics") or {}).get("moe") or {}
+
+
 def _mb(value) -> str:
     return "-" if value is None else f"{value / MIB:,.0f} MiB"
 
@@ -285,10 +290,11 @@ def footprint_table(rows: list[Row]) -> TableData:
     for row in rows:
         fp, cost = row.footprint, row.cost or {}
         params = fp.get("params_total")
+        active = _moe_metrics(row).get("params_active")  # a mixture of experts uses only part per token
         body.append(
             [
                 row.label,
-                _params(params),
+                _params(params) + ("" if active is None else f" ({_params(active)} active)"),
                 _mb(fp.get("size_bytes")),
                 _fmt(fp.get("ms_per_token"), 1),
                 _mb(fp.get("peak_rss_bytes")),
@@ -355,6 +361,11 @@ def method_details(rows: list[Row], base: Row, tasks: list[str]) -> tuple[dict[s
         elif row.family == "merge":
             mine = [experts[t] for t in scored if t in experts]
             verdict, kept = _merge_verdict(row, base, [e for e in mine if e in inputs] or mine)
+            routed = _moe_metrics(row).get("routing_accuracy", {}).get("by_task") or {}
+            if routed:
+                kept.append("routing accuracy " + ", ".join(f"{t} {share:.0%}" for t, share in routed.items()))
+        elif row.family == "edit":
+            verdict = _edit_verdict(row)
         else:
             teacher = _teacher(row, by_folder)
             verdict, kept = _distill_verdict(row, teacher, scored)
@@ -416,6 +427,16 @@ def _merge_verdict(row: Row, base: Row, experts: list[Row]) -> tuple[str, list[s
     return f"did not pay off: keeps only {worst[2]:.0%} of {worst[1]}'s {worst[0]} gain", kept
 
 
+def _edit_verdict(row: Row) -> str:
+    """An edit aims at its pairs: the log-likelihood margin it recorded on them must fall."""
+    margin = (row.producer or {}).get("preference") or {}
+    before, after = margin.get("margin_before"), margin.get("margin_after")
+    if before is None or after is None:
+        return "no preference margin recorded: see the scores"
+    change = f"log p(rejected) - log p(chosen) on {margin.get('pairs')} of its pairs {before:+.2f} -> {after:+.2f}"
+    return f"paid off: {change}" if after < before else f"did not pay off: {change}"
+
+
 def _teacher(row: Row, by_folder: dict[str, Row]) -> Row | None:
     inputs = (row.producer or {}).get("inputs") or {}
     for folder in _input_folders(inputs.get("teacher") if isinstance(inputs, dict) else None):
@@ -453,7 +474,7 @@ def _ratio(a, b) -> float | None:
 
 def method_summary(rows: list[Row], base: Row, tasks: list[str], verdicts: dict[str, str]) -> TableData:
     """The source document's table (criterion x method), filled with this run's measured numbers."""
-    families = ["fine-tuning", "distillation", "merge"]
+    families = ["fine-tuning", "distillation", "merge", "edit"]
     groups = {f: [r for r in rows if r.family == f and r is not base] for f in families}
     scored = [t for t in tasks if t != "probe"]
 
@@ -490,7 +511,12 @@ def method_summary(rows: list[Row], base: Row, tasks: list[str], verdicts: dict[
         good = [r.label for r in group if verdicts.get(r.label, "").startswith("paid off")]
         return f"{len(good)} of {len(group)} paid off" + (f" ({', '.join(good)})" if good else "")
 
-    needs = ["task data + the base model", "a teacher + task prompts", "two or more fine-tuned models, no data"]
+    needs = [
+        "task data + the base model",
+        "a teacher + task prompts",
+        "two or more fine-tuned models, no data",
+        "preference pairs + the base model, no training",
+    ]
     body = [
         ["effectiveness: best score gained per task", *cells(best_gain)],
         ["compute cost: wall time to make", *cells(lambda g: range_of(g, "wall_s", _seconds))],
@@ -501,11 +527,12 @@ def method_summary(rows: list[Row], base: Row, tasks: list[str], verdicts: dict[
         ["did it pay off here?", *cells(paid)],
     ]
     return TableData(
-        "fine-tuning vs distillation vs merge (measured in this run)",
+        "fine-tuning vs distillation vs merge vs edit (measured in this run)",
         ["criterion", *families],
         body,
         f"verdict thresholds: a gain beyond 2 standard errors; a merge keeps >= {KEEPS:.0%} of each expert's gain; "
-        f"a student keeps >= {RETAINS:.0%} of its teacher's score and is >= {FASTER}x faster",
+        f"a student keeps >= {RETAINS:.0%} of its teacher's score and is >= {FASTER}x faster; an edit lowers its "
+        "pairs' margin",
     )
 
 
