@@ -155,4 +155,5 @@ def test_demo_without_a_kind_drops_its_steps_and_their_report_rows():
         "base=${steps.base.output}",
         "${steps.eval_expert_dates.output}",
         "${steps.eval_expert_extraction.output}",
+        "${steps.eval_moe.output}",  # the mixture of experts is its own kind (moe)
     ]
