@@ -5,7 +5,7 @@ downloading one from a hub, so this converts a local llama folder (safetensors +
 `tokenizer.json`, e.g. from `make_tiny_llama`) the way llama.cpp's `convert_hf_to_gguf.py` does for
 llama: ggml tensor names, the rotary Q/K row permutation, the `llama.*` hyperparameters and the
 `gpt2`-model tokenizer metadata. Tensors stay F32 so a round trip is exact.
-`lmforge export` (gguf_export.py) writes f16/q8_0 files with the same metadata and permutation helpers.
+`lmforge export` (gguf_export.py) writes f16/q8_0 files through the same `llama_tensors` and `write_gguf`.
 """
 
 from __future__ import annotations
@@ -47,21 +47,43 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path) -> Path:
         raise ValueError(f"{model_dir} holds a {config.model_type!r} model; only llama converts.")
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    state: dict = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(shard))
+    if not state:
+        raise ValueError(f"no *.safetensors files in {model_dir}.")
+    if not config.tie_word_embeddings and "lm_head.weight" not in state:
+        raise ValueError(f"{model_dir} has untied embeddings but no lm_head.weight.")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(out_path, _ARCH)
-    writer.add_name(model_dir.name)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tensors = llama_tensors(state, config, gguf.GGMLQuantizationType.F32)
+    write_gguf(out_path, model_dir.name, gguf.LlamaFileType.ALL_F32, config, tokenizer, tokenizer_json, tensors)
+    return out_path
+
+
+def write_gguf(
+    path: Path,
+    name: str,
+    file_type: gguf.LlamaFileType,
+    config: Any,
+    tokenizer: Any,
+    tokenizer_json: dict,
+    tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]],
+) -> None:
+    """One llama GGUF file: header, hyperparameters, tokenizer, then `tensors` from `llama_tensors`."""
+    writer = gguf.GGUFWriter(path, _ARCH)
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    if file_type != gguf.LlamaFileType.ALL_F32:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_hyperparameters(writer, config)
     add_tokenizer(writer, tokenizer, tokenizer_json, config)
-    for name, array in _gguf_tensors(model_dir, config):
-        writer.add_tensor(name, array)
-
+    for tensor_name, data, tensor_type in tensors:
+        writer.add_tensor(tensor_name, data, raw_dtype=tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out_path
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
@@ -177,34 +199,35 @@ def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
     raise ValueError(f"unrecognised byte-level pre-tokenizer {json.dumps(pre_tokenizer)}; no GGUF name for it.")
 
 
-def _gguf_tensors(model_dir: Path, config: Any) -> list[tuple[str, np.ndarray]]:
-    """`(gguf_name, f32 array)` for every weight, Q/K rows permuted as llama.cpp's `LlamaModel.permute`."""
-    state: dict = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(shard))
-    if not state:
-        raise ValueError(f"no *.safetensors files in {model_dir}.")
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # llama.cpp omits `output`; loaders tie it back to token_embd
-    elif "lm_head.weight" not in state:
-        raise ValueError(f"{model_dir} has untied embeddings but no lm_head.weight.")
+def llama_tensors(
+    state: dict[str, Any], config: Any, matrix_type: gguf.GGMLQuantizationType
+) -> list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]]:
+    """`(gguf name, data, ggml type)` per weight, as llama.cpp's `convert_hf_to_gguf.py` writes llama.
 
+    Q/K rows are permuted for ggml's rotary layout; matrices become `matrix_type` (f32, f16 or q8_0),
+    vectors stay f32. A tied `lm_head` is left out (readers tie it back to `token_embd`). `ValueError`
+    names a tensor llama's GGUF layout has no name for.
+    """
     heads = config.num_attention_heads
     kv_heads = config.num_key_value_heads or heads
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    q8_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
     tensors = []
     for hf_name, tensor in state.items():
-        if hf_name.endswith("rotary_emb.inv_freq"):
+        if hf_name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and hf_name == "lm_head.weight"):
             continue
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ValueError(f"no GGUF name for tensor {hf_name!r}.")
-        array = tensor.float().numpy()
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"tensor {hf_name!r} has no name in llama's GGUF layout")
+        array = tensor.detach().float().cpu().numpy()
         if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             array = permute_rotary(array, heads)
         elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             array = permute_rotary(array, kv_heads)
-        tensors.append((gguf_name, np.ascontiguousarray(array)))
+        tensor_type = matrix_type if array.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if tensor_type == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % q8_block:
+            tensor_type = gguf.GGMLQuantizationType.F16  # rows that do not split into blocks: llama.cpp's fallback
+        tensors.append((name, gguf.quants.quantize(np.ascontiguousarray(array), tensor_type), tensor_type))
     return tensors
 
 

@@ -17,21 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
-import torch
 
 from lmforge.errors import UserError
-from lmforge.models.gguf import add_hyperparameters, add_tokenizer, permute_rotary
+from lmforge.models.gguf import llama_tensors, write_gguf
 from lmforge.models.load import load_model
 
 _ARCH = "llama"
-_Q8_0 = gguf.GGMLQuantizationType.Q8_0
-_F16 = gguf.GGMLQuantizationType.F16
-_F32 = gguf.GGMLQuantizationType.F32
 # --type -> (the file type llama.cpp records, the type of each 2-D weight)
 GGUF_TYPES = {
-    "f16": (gguf.LlamaFileType.MOSTLY_F16, _F16),
-    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, _Q8_0),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
 
 
@@ -61,21 +56,11 @@ def export_gguf(model: str | Path, out: str | Path, type: str = "f16", overwrite
 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
-        writer = gguf.GGUFWriter(staging, _ARCH)
-        writer.add_name(out.stem)
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         try:
-            add_hyperparameters(writer, config)
-            add_tokenizer(writer, loaded.tokenizer, tokenizer_json, config)
+            tensors = llama_tensors(loaded.model.state_dict(), config, matrix_type)
+            write_gguf(staging, out.stem, file_type, config, loaded.tokenizer, tokenizer_json, tensors)
         except ValueError as err:
             raise UserError(f"cannot export {model} to GGUF: {err}") from None
-        for name, array, tensor_type in _tensors(loaded.model, matrix_type):
-            writer.add_tensor(name, array, raw_dtype=tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
         if out.exists() and not overwrite:  # appeared while we wrote: never replace it unasked
             raise UserError(f"{out} exists: pass --overwrite or choose another file")
         os.replace(staging, out)
@@ -108,30 +93,3 @@ def _tokenizer_json(tokenizer: Any, model: str | Path) -> dict:
             "GGUF export needs a byte-level BPE fast tokenizer"
         )
     return json.loads(backend.to_str())
-
-
-def _tensors(model: torch.nn.Module, matrix_type: gguf.GGMLQuantizationType) -> list[tuple[str, np.ndarray, Any]]:
-    """`(gguf name, data, ggml type)` per weight: matrices in `matrix_type`, vectors in f32."""
-    config = model.config
-    state = model.state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # llama.cpp omits `output`; readers tie it back to token_embd
-    heads = config.num_attention_heads
-    kv_heads = config.num_key_value_heads or heads
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    tensors = []
-    for hf_name, tensor in state.items():
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UserError(f"cannot export tensor {hf_name!r}: llama's GGUF layout has no name for it")
-        array = tensor.detach().float().cpu().numpy()
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            array = permute_rotary(array, heads)
-        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            array = permute_rotary(array, kv_heads)
-        tensor_type = matrix_type if array.ndim == 2 else _F32
-        if tensor_type == _Q8_0 and array.shape[-1] % gguf.GGML_QUANT_SIZES[_Q8_0][0]:
-            tensor_type = _F16  # rows that do not split into 32-blocks: llama.cpp falls back to f16 too
-        data = gguf.quants.quantize(np.ascontiguousarray(array), tensor_type)
-        tensors.append((name, data, tensor_type))
-    return tensors
