@@ -37,7 +37,9 @@ console = Console()
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[str, typer.Argument(help="'default', a model folder, a .gguf file or a hub id")],
+    model: Annotated[
+        list[str], typer.Argument(help="'default', a model folder, a .gguf file or a hub id; several with --fuse")
+    ],
     task: Annotated[
         list[str], typer.Option("--task", "-t", help="built-in task name, .jsonl file or lm-eval task .yaml; repeat")
     ],
@@ -58,13 +60,22 @@ def eval_command(
         bool, typer.Option(help="task .yaml prompts through the model's chat template, as lm-eval's flag")
     ] = False,
     system_instruction: Annotated[str | None, typer.Option(help="system prompt for task .yaml prompts")] = None,
+    fuse: Annotated[
+        str | None,
+        typer.Option(help="score the models fused at generation: ensemble | product | dexperts | contrastive"),
+    ] = None,
+    fuse_weights: Annotated[str | None, typer.Option(help="ensemble/product weights, one per model: 0.7,0.3")] = None,
+    fuse_alpha: Annotated[
+        float | None, typer.Option(help="dexperts: scale of (tuned - untuned), 1; contrastive: cut-off, 0.1")
+    ] = None,
 ) -> None:
     """Score a model on tasks; write results.json, samples and run.json; print the table."""
+    from lmforge.eval.fusion import parse_weights
     from lmforge.eval.run import run_eval
     from lmforge.report.tables import print_results
 
     folder, results = run_eval(
-        model,
+        model[0] if len(model) == 1 and fuse is None else model,
         task,
         out_dir=out,
         overwrite=overwrite,
@@ -77,6 +88,9 @@ def eval_command(
         columns=parse_columns(columns),
         apply_chat_template=apply_chat_template,
         system_instruction=system_instruction,
+        fuse=fuse,
+        fuse_weights=parse_weights(fuse_weights),
+        fuse_alpha=fuse_alpha,
     )
     print_results(results, console)
     console.print(f"results in {folder}")

@@ -28,8 +28,9 @@ from typing import Any, Literal
 from lmforge import config as config_io
 from lmforge.data.chat import chat_prompt
 from lmforge.errors import UserError
+from lmforge.eval import fusion as fusion_io
 from lmforge.eval import lmeval_score, lmeval_yaml, scoring
-from lmforge.eval.speed import measure_footprint
+from lmforge.eval.speed import measure_footprint, size_on_disk
 from lmforge.eval.tasks import FEWSHOT_SEED, Task, get_task
 from lmforge.models.load import LoadedModel, file_sha256, load_model
 from lmforge.outputs import staged_output
@@ -45,8 +46,8 @@ MAX_WINDOW = 2048
 class EvalConfig:
     """What `evaluate` takes, as a config: the same keys as its arguments."""
 
-    model: str
-    """Model reference: default, a folder, a .gguf file or a hub id."""
+    model: str | list[str]
+    """Model reference: default, a folder, a .gguf file or a hub id; a list of them with `fuse`."""
     tasks: list[str]
     """Built-in task names, .jsonl task files or lm-eval task .yaml files."""
     limit: int | None = None
@@ -67,6 +68,12 @@ class EvalConfig:
     """Render task-YAML prompts through the model's chat template (lm-eval's --apply_chat_template)."""
     system_instruction: str | None = None
     """System prompt for task-YAML prompts (lm-eval's --system_instruction)."""
+    fuse: Literal["ensemble", "product", "dexperts", "contrastive"] | None = None
+    """Fuse the models of `model` at generation time (eval/fusion.py) and score them as one."""
+    fuse_weights: list[float] | None = None
+    """ensemble/product: one weight per model (default equal)."""
+    fuse_alpha: float | None = None
+    """dexperts: scale of (tuned - untuned), default 1; contrastive: plausibility cut-off, default 0.1."""
 
     def __post_init__(self) -> None:
         config_io.require(bool(self.tasks), "tasks", "is empty: name a task (see `lmforge tasks`)")
@@ -76,7 +83,7 @@ class EvalConfig:
 
 
 def evaluate(
-    model: str | LoadedModel | Path | Mapping[str, Any] | EvalConfig,
+    model: str | list[str] | LoadedModel | Path | Mapping[str, Any] | EvalConfig,
     tasks: list[str] | None = None,
     limit: int | None = None,
     num_fewshot: int | None = None,
@@ -88,6 +95,9 @@ def evaluate(
     columns: dict[str, str] | None = None,
     apply_chat_template: bool | None = None,
     system_instruction: str | None = None,
+    fuse: str | None = None,
+    fuse_weights: Sequence[float] | None = None,
+    fuse_alpha: float | None = None,
 ) -> dict:
     """Score a model on tasks; returns an lm-eval-shaped results dict (plus "samples" and "footprint").
 
@@ -113,6 +123,10 @@ def evaluate(
             generation tasks always use the chat template; this flag is for task YAMLs only.
         system_instruction: a system prompt for task YAMLs: a system turn with the chat template, else text
             before the description and shots (as lm-eval).
+        fuse: score the models of `model` (a list) fused at generation time as one (eval/fusion.py):
+            ensemble | product | dexperts (BASE TUNED UNTUNED) | contrastive (STRONG WEAK).
+        fuse_weights: ensemble/product weights, one per model.
+        fuse_alpha: dexperts' scale of (tuned - untuned), contrastive's plausibility cut-off.
     """
     is_config = isinstance(model, (Mapping, EvalConfig)) or str(model).endswith((".yaml", ".yml"))
     given = {
@@ -126,10 +140,13 @@ def evaluate(
         "columns": columns,
         "apply_chat_template": apply_chat_template,
         "system_instruction": system_instruction,
+        "fuse": fuse,
+        "fuse_weights": None if fuse_weights is None else list(fuse_weights),
+        "fuse_alpha": fuse_alpha,
     }
     given = {key: value for key, value in given.items() if value is not None}  # None: the config's value
     if is_config or (overrides and not isinstance(model, LoadedModel)):
-        settings = given if is_config else {"model": str(model), **given}
+        settings = given if is_config else {"model": model if isinstance(model, list) else str(model), **given}
         cfg = config_io.resolve(model if is_config else None, EvalConfig, overrides, **settings)
         return evaluate(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig)})
     if overrides:
@@ -156,14 +173,28 @@ def evaluate(
             "--apply-chat-template and --system-instruction are for lm-eval task .yaml files: built-in and .jsonl "
             "generation tasks already use the model's chat template"
         )
+    refs = list(model) if isinstance(model, (list, tuple)) else [str(model)]
+    fusion = _fusion_of(fuse, refs, fuse_weights, fuse_alpha) if not isinstance(model, LoadedModel) else None
     # Unknown tasks, bad records, bad task YAMLs and too few shots all fail here, before the model loads.
     resolved = [
         get_task(name, num_fewshot, fewshot_file, columns if name.endswith(".jsonl") else None) for name in tasks
     ]
     for task in resolved:
+        kind = task.extra.get("output_type") or _OUTPUT_TYPES[task.kind]
+        if fusion and fusion.method == "contrastive" and kind != "generate_until":
+            raise UserError(
+                f"task {task.name} scores log-likelihoods, which contrastive decoding does not define (its cut-off "
+                "gives tokens zero probability): score it with generation tasks only, or fuse another way"
+            )
+    for task in resolved:
         if task.held_out:
             log.info("%s: %d records held out as k-shot examples, not scored", task.name, task.held_out)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif fusion:
+        loaded = fusion_io.load_fused(refs, fusion, dtype=dtype)
+    else:
+        loaded = load_model(refs[0], dtype=dtype)
     if apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         raise UserError(f"model {loaded.ref} has no chat template: drop --apply-chat-template")
     chat = {"apply_chat_template": apply_chat_template, "system_instruction": system_instruction}
@@ -204,11 +235,35 @@ def evaluate(
         "device": str(next(loaded.model.parameters()).device),
         "fewshot_seed": FEWSHOT_SEED,
     }
+    fused = isinstance(loaded.model, fusion_io.FusedModel)
+    if fused:
+        rule = loaded.model.fusion
+        members = [str(f) for f in loaded.model.folders]
+        results["config"]["fuse"] = {
+            "method": rule.method,
+            "models": members,
+            "weights": rule.weights,
+            "alpha": rule.alpha,
+        }
     results["lmforge_versions"] = versions()
     if footprint:
         log.info("measuring footprint (size, speed, memory)")
     results["footprint"] = measure_footprint(loaded) if footprint else None
+    if footprint and fused:  # every member runs for every token: all parameters are active
+        results["footprint"]["size_bytes"] = sum(size_on_disk(f) for f in loaded.model.folders)
+        results["footprint"]["params_active"] = results["footprint"]["params_total"]
     return results
+
+
+def _fusion_of(fuse: str | None, refs: list[str], weights, alpha) -> fusion_io.Fusion | None:
+    """The checked fusion rule, None for one model; several models without a rule is a mistake."""
+    if fuse is None and len(refs) > 1:
+        raise UserError(f"{len(refs)} models given: fuse them with --fuse {'|'.join(fusion_io.FUSIONS)}, or name one")
+    if fuse is None:
+        if weights is not None or alpha is not None:
+            raise UserError("fusion weights or alpha given without --fuse: add --fuse, or drop them")
+        return None
+    return fusion_io.check_fusion(fuse, len(refs), weights, alpha)
 
 
 _OUTPUT_TYPES = {
@@ -335,7 +390,7 @@ def default_output(model_ref: str) -> Path:
 
 
 def run_eval(
-    model_ref: str,
+    model_ref: str | list[str],
     tasks: list[str],
     out_dir: str | Path | None = None,
     overwrite: bool = False,
@@ -343,7 +398,12 @@ def run_eval(
 ) -> tuple[Path, dict]:
     """Evaluate and write results.json, samples_<task>.jsonl and run.json into a new output folder."""
     meter = RunMeter()
-    out = Path(out_dir) if out_dir else default_output(model_ref)
+    label = (
+        model_ref
+        if isinstance(model_ref, str)
+        else f"{options.get('fuse') or 'fused'}-" + "-".join(Path(str(ref)).name for ref in model_ref)
+    )
+    out = Path(out_dir) if out_dir else default_output(label)
     if out.exists() and not overwrite:
         raise UserError(f"output folder {out} exists: pass --overwrite or choose another folder")
     results = evaluate(model_ref, tasks, **options)
@@ -355,17 +415,17 @@ def run_eval(
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(task).stem)
             with open(staging / f"samples_{name}.jsonl", "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
+        fuse, folder = results["config"].get("fuse"), results["config"]["model_folder"]
+        if fuse:  # no one folder is the model: the members are, each fingerprinted
+            members = [{"folder": f, "fingerprint": _fingerprint(Path(f))} for f in fuse["models"]]
+            model_input = {"ref": model_ref, "fuse": fuse["method"], "members": members}
+        else:
+            model_input = {"ref": model_ref, "folder": folder, "fingerprint": _fingerprint(Path(folder))}
         record = run_record(
             "eval",
             "evaluate",
             meter,
-            inputs={
-                "model": {
-                    "ref": model_ref,
-                    "folder": results["config"]["model_folder"],
-                    "fingerprint": _fingerprint(Path(results["config"]["model_folder"])),
-                }
-            },
+            inputs={"model": model_input},
             data={task: results["versions"][task] for task in results["results"]},
             config={"tasks": tasks, **options},
             params_total=footprint.get("params_total"),

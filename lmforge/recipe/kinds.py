@@ -7,7 +7,8 @@ API with the YAML file the runner wrote. finetune, distill and merge are the com
 `eval` is `run_eval`; `data` writes built-in task records as files; `select` picks the best model among
 eval runs (so a recipe can distill "the best merge"); `filter` is `lmforge data filter` (its output holds
 kept.jsonl, a later step's data.path); `compare` writes the report; `export` writes a
-model as one GGUF file (its output is that file, so later steps can load it). A kind whose module
+model as one GGUF file (its output is that file, so later steps can load it); `edit` is `lmforge edit`
+(ProFS, no training). A kind whose module
 is not installed is refused before any step runs.
 """
 
@@ -56,8 +57,8 @@ class Kind:
 class EvalStep:
     """An `eval` step: `run_eval` with these arguments."""
 
-    model: str
-    """Model reference or a step's output."""
+    model: str | list[str]
+    """Model reference or a step's output; a list of them with `fuse`."""
     tasks: list[str]
     """Built-in task names or .jsonl task files."""
     output: str | None = None
@@ -72,6 +73,12 @@ class EvalStep:
     """Measure size, speed and memory."""
     dtype: str = "float32"
     """float32 | bfloat16 | float16."""
+    fuse: str | None = None
+    """ensemble | product | dexperts | contrastive: score the models fused at generation (eval/fusion.py)."""
+    fuse_weights: list[float] | None = None
+    """ensemble/product weights, one per model."""
+    fuse_alpha: float | None = None
+    """dexperts' scale of (tuned - untuned), contrastive's plausibility cut-off."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,12 @@ def _run_merge(config_file: Path, output: Path, overwrite: bool) -> Path:
     return merge(config_file, output, overwrite=overwrite)
 
 
+def _run_edit(config_file: Path, output: Path, overwrite: bool) -> Path:
+    from lmforge.edit.run import edit
+
+    return edit(config_file, ["overwrite=true"] if overwrite else [])
+
+
 def _run_moe(config_file: Path, output: Path, overwrite: bool) -> Path:
     from lmforge.merge.moe import moe
 
@@ -197,6 +210,9 @@ def _run_eval(config_file: Path, output: Path, overwrite: bool) -> Path:
         batch_size=step.batch_size,
         footprint=step.footprint,
         dtype=step.dtype,
+        fuse=step.fuse,
+        fuse_weights=step.fuse_weights,
+        fuse_alpha=step.fuse_alpha,
     )
     print_results(results)
     return folder
@@ -297,11 +313,22 @@ KINDS: dict[str, Kind] = {
         output_key=None,
         needs="lmforge.merge",
     ),
+    "edit": Kind(
+        run=_run_edit,
+        check=_checker("lmforge.edit.run:EditConfig"),
+        models=lambda config: models_at(config, "model") or ["default"],
+        estimate=estimate.edit,
+        needs="lmforge.edit",
+    ),
     "moe": Kind(run=_run_moe, check=_check_moe, models=_moe_models, output_key=None, needs="lmforge.merge"),
     "eval": Kind(
         run=_run_eval,
         check=_checker("lmforge.recipe.kinds:EvalStep"),
-        models=lambda config: models_at(config, "model"),
+        models=lambda config: (
+            [m for m in config["model"] if isinstance(m, str)]
+            if isinstance(config.get("model"), list)
+            else models_at(config, "model")
+        ),
         estimate=estimate.evaluation,
     ),
     "data": Kind(run=_run_data, check=_checker("lmforge.recipe.kinds:DataStep"), estimate=estimate.data),
