@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
 import pytest
 import torch
+import yaml
+from rich.console import Console
 from safetensors.torch import load_file
 
 from lmforge import cli
@@ -14,6 +17,7 @@ from lmforge.edit import profs, toxicity
 from lmforge.edit.run import EditConfig, pair_embeddings, run_edit, select_pairs
 from lmforge.errors import UserError
 from lmforge.models.load import load_model
+from lmforge.recipe.runner import run_recipe
 
 
 def _pairs(n: int) -> list[dict]:
@@ -213,3 +217,44 @@ def test_margin_is_rejected_minus_chosen(tiny_llama):
     margin = toxicity.preference_margin(loaded.model, loaded.tokenizer, pairs)
     assert margin != 0
     assert margin == pytest.approx(-toxicity.preference_margin(loaded.model, loaded.tokenizer, swapped), abs=1e-4)
+
+
+def test_recipe_edit_steps_are_the_edit_family_in_the_report(tiny_llama, tmp_path):
+    """A recipe's `edit` step runs lmforge edit on the built-in pairs; the report judges edits by their margin."""
+    scored = {"tasks": ["dates", "probe"], "limit": 2, "footprint": False}
+    edit = {"model": str(tiny_llama), "data": "builtin:insults", "limit": 12, "layers": [1], "eval": {"limit": 2}}
+    steps = [
+        {"name": "base", "kind": "eval", "config": {**scored, "model": str(tiny_llama)}},
+        {"name": "profs", "kind": "edit", "config": {**edit, "k": 2}},
+        {"name": "unchanged", "kind": "edit", "config": {**edit, "k": 0}},
+        {"name": "eval_profs", "kind": "eval", "config": {**scored, "model": "${steps.profs.output}"}},
+        {"name": "eval_unchanged", "kind": "eval", "config": {**scored, "model": "${steps.unchanged.output}"}},
+        {
+            "name": "report",
+            "kind": "compare",
+            "config": {
+                "baseline": "base",
+                "runs": ["base=${steps.base.output}", "${steps.eval_profs.output}", "${steps.eval_unchanged.output}"],
+            },
+        },
+    ]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output": str(tmp_path / "out"), "steps": steps}), encoding="utf-8")
+    root = run_recipe(path, isolate=False, console=Console(file=io.StringIO()))
+    record = json.loads((root / "profs" / "run.json").read_text())
+    assert record["command"] == "edit" and record["data"] == {"path": "builtin:insults", "pairs": 12}
+    assert {"load", "margin", "embeddings", "projection", "eval"} == set(record["phase_seconds"])
+    comparison = json.loads((root / "report" / "comparison.json").read_text())
+    assert {row["label"]: row["family"] for row in comparison["rows"]} == {
+        "base": "base",
+        "profs": "edit",
+        "unchanged": "edit",
+    }
+    margin = record["preference"]
+    fell = margin["margin_after"] < margin["margin_before"]
+    assert comparison["verdicts"]["profs"].startswith("paid off" if fell else "did not pay off")
+    assert f"{margin['margin_before']:+.2f} -> {margin['margin_after']:+.2f}" in comparison["verdicts"]["profs"]
+    assert comparison["verdicts"]["unchanged"].startswith("did not pay off")  # k = 0: the margin cannot fall
+    report = (root / "report" / "report.md").read_text()
+    assert "| criterion | fine-tuning | distillation | merge | edit |" in report
+    assert "preference pairs + the base model, no training |" in report

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from lmforge import config as config_io
 from lmforge.data.chat import render_example
 from lmforge.data.sources import load_records
 from lmforge.edit import profs
-from lmforge.edit.toxicity import preference_margin
+from lmforge.edit.toxicity import preference_margin, preference_pairs
 from lmforge.errors import UserError
 from lmforge.eval.forgetting import EvalSettings, forgetting_table, print_forgetting, report_tasks, score
 from lmforge.eval.run import metrics_of
@@ -35,6 +36,8 @@ from lmforge.report.record import RunMeter, run_record
 log = logging.getLogger("lmforge.edit")
 MARGIN_PAIRS = 64
 """Pairs the before/after log-likelihood margin is measured on (the first of the pairs used)."""
+BUILTIN_PAIRS = "builtin:insults"
+"""`data` naming lmforge's built-in insult/profanity pairs (lmforge.edit.toxicity, 300 pairs, seed 0)."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class EditConfig:
     output: str
     """Output model folder."""
     data: str | None = None
-    """Preference pairs file or folder: records {prompt, chosen, rejected}."""
+    """Preference pairs file or folder: records {prompt, chosen, rejected}; or builtin:insults (300 built-in pairs)."""
     model: str = "default"
     """Model reference: default, a folder, a .gguf file or a hub id."""
     method: Literal["profs"] = "profs"
@@ -99,7 +102,9 @@ def select_pairs(records: list[dict], limit: int | None, seed: int) -> list[dict
 
 
 def load_pairs(cfg: EditConfig) -> list[dict]:
-    """The preference records of cfg.data; any other format is a user error."""
+    """The preference records of cfg.data (or the built-in pairs); any other format is a user error."""
+    if cfg.data == BUILTIN_PAIRS:
+        return select_pairs([pair | {"format": "preference"} for pair in preference_pairs()], cfg.limit, cfg.seed)
     records = load_records(cfg.data, columns=cfg.columns or None)
     if records[0]["format"] != "preference":
         raise UserError(
@@ -145,26 +150,35 @@ def run_edit(cfg: EditConfig) -> Path:
     pairs = load_pairs(cfg)  # a bad pairs file or too few pairs fail before the model loads
     if cfg.k > len(pairs):
         raise UserError(f"k={cfg.k} needs at least {cfg.k} pairs, {cfg.data} gives {len(pairs)}: lower k or add pairs")
+    phases = _Phases()
     loaded = load_model(cfg.model)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     available = profs.find_projections(model)
     upper_half = list(available)[len(available) // 2 :]
     layers = profs.check_layers(cfg.layers if cfg.layers is not None else upper_half, list(available))
+    phases.done("load")
 
     margin_pairs = pairs[:MARGIN_PAIRS]
     margin_before = preference_margin(model, tokenizer, margin_pairs, cfg.max_length)
+    phases.done("margin")
     tasks = report_tasks(cfg.eval)
     before = score(loaded, tasks, cfg.eval)
+    phases.done("eval")
     layer_names = {layer: available[layer] for layer in layers}
     chosen, rejected, tokens = pair_embeddings(model, tokenizer, pairs, layer_names, cfg)
+    phases.done("embeddings")
     bases = {layer: profs.unwanted_subspace(chosen[layer], rejected[layer], cfg.k, cfg.centre) for layer in layers}
     profs.apply_edit(model, bases, layer_names)
+    phases.done("projection")
     margin_after = preference_margin(model, tokenizer, margin_pairs, cfg.max_length)
+    phases.done("margin")
     after = score(loaded, tasks, cfg.eval)
+    phases.done("eval")
     print_forgetting(before, after, "edited")
     log.info(
         "log p(rejected) - log p(chosen) on %d pairs: %.3f -> %.3f", len(margin_pairs), margin_before, margin_after
     )
+    log.info("seconds: %s", ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.seconds.items()))
 
     with staged_output(output, overwrite=cfg.overwrite) as staging:
         save_model(staging, model, tokenizer)
@@ -182,6 +196,7 @@ def run_edit(cfg: EditConfig) -> Path:
         )
         record["base_metrics"] = metrics_of(before) if before else {}
         record["edit"] = {"layers": layers, "k": cfg.k, "centre": cfg.centre}
+        record["phase_seconds"] = phases.seconds  # ProFS's own time (embeddings, projection) apart from the rest
         record["preference"] = {
             "pairs": len(margin_pairs),
             "margin_before": margin_before,
@@ -189,6 +204,19 @@ def run_edit(cfg: EditConfig) -> Path:
         }
         write_run_files(staging, cfg, record, _model_card(cfg, layers, record["preference"], before, after))
     return output
+
+
+class _Phases:
+    """Wall seconds per phase of the run, summed when a phase comes back (the margin and eval run twice)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 2)
+        self._last = now
 
 
 def _model_card(cfg: EditConfig, layers: list[int], margin: dict, before: dict | None, after: dict | None) -> str:

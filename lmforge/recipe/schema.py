@@ -34,7 +34,7 @@ class Step:
     """Unique name: the step's output goes to OUTPUT/NAME (its config and log to OUTPUT/steps/) and later
     steps cite it as ${steps.NAME.output}."""
     kind: str
-    """finetune | distill | merge | eval | data | filter | select | compare | export."""
+    """finetune | distill | merge | edit | eval | data | filter | select | compare | export."""
     config: dict[str, Any] = field(default_factory=dict)
     """The command's config, as its own YAML file would hold it; the runner sets the output folder."""
 
