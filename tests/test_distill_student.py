@@ -132,7 +132,7 @@ def test_depth_then_width_keeps_the_units_the_depth_picked_model_scores_highest(
     width = prune.WidthSettings(hidden_size=24, intermediate_size=40, num_attention_heads=2)
     shape = students.width_shape(teacher.model, len(layers), width)
     assert shape == prune.Shape(24, 40, 2)
-    pruned = students.width_pruned(model, batch, shape)
+    pruned = students.width_pruned(model, [batch], shape)
     config = pruned.config
     assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (2, 24, 40)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 2, 8)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmforge import config as config_io
 from lmforge.data.chat import chat_prompt
-from lmforge.distill.signals import _read_jsonl_cache, _write_jsonl_cache, generate
+from lmforge.distill.signals import generate, read_jsonl_cache, write_jsonl_cache
 from lmforge.errors import UserError
 
 log = logging.getLogger("lmforge.distill")
@@ -66,14 +66,14 @@ def rationale_records(
     """(label-task records, rationale-task records) from the teacher's rationales (written once, cached)."""
     if not 0 <= settings.alpha <= 1:
         raise UserError(f"rationale.alpha must be in [0, 1], got {settings.alpha}")
-    texts = _read_jsonl_cache(path, key)
+    texts = read_jsonl_cache(path, key)
     if texts is None:
         prompts = [chat_prompt(tokenizer, f"{r['prompt']}\n{settings.instruction}") for r in records]
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         log.info("step-by-step: the teacher writes %d rationales (once, cached in %s)", len(encoded), path)
         out = generate(teacher, encoded, settings.max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id, False)
         texts = [{"text": tokenizer.decode(tokens, skip_special_tokens=True)} for tokens, _ in out]
-        _write_jsonl_cache(path, key, texts)
+        write_jsonl_cache(path, key, texts)
     labels, rationales, wrong = [], [], 0
     for record, item in zip(records, texts, strict=True):
         rationale, answer = parse(item["text"])

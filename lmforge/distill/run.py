@@ -29,9 +29,10 @@ from lmforge import config as config_io
 from lmforge.data.chat import IGNORE_INDEX, chat_prompt
 from lmforge.data.prepare import DataSettings, tokenize, training_records
 from lmforge.data.sources import split_records
-from lmforge.distill import prune, signals
+from lmforge.distill import general, prune, signals
 from lmforge.distill import rationale as step_by_step
 from lmforge.distill import student as students
+from lmforge.distill.general import GeneralSettings
 from lmforge.distill.objectives import DenseTeacher, Objective, check_objectives, distill_loss
 from lmforge.distill.rationale import RationaleSettings
 from lmforge.distill.signals import SignalSettings
@@ -80,6 +81,8 @@ class DistillConfig:
     objectives: list[Objective] = field(default_factory=lambda: [Objective("forward_kl")])
     """Weighted loss terms: forward_kl, reverse_kl, jsd, skew_kl, skew_rkl, tv, ce (labels)."""
     signal: SignalSettings = field(default_factory=SignalSettings)
+    general: GeneralSettings = field(default_factory=GeneralSettings)
+    """General text mixed into every step (default: the teacher's own samples, one row per task row)."""
     rationale: RationaleSettings = field(default_factory=RationaleSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -210,8 +213,37 @@ def _prepare_rows(cfg, teacher, tokenizer, records, work: Path, key: list) -> li
     return tokenize(records, tokenizer, cfg.data)
 
 
-def _build_student(cfg, teacher_loaded: LoadedModel, calibration: dict, work: Path) -> tuple:
-    """(student model, its tokenizer, shared vocabulary, random-init quality, description for run.json)."""
+def _general_rows(cfg, teacher_loaded: LoadedModel, texts: list[str] | None, work: Path) -> list[dict]:
+    """General-text rows from the user's file (`texts`, read already) or the teacher's samples; none when
+    neither the mix nor the teacher correction asks for them."""
+    settings = cfg.general
+    if not (settings.enabled or settings.correct_teacher):
+        return []
+    if texts is None:
+        key = signals.fingerprint(
+            signals.teacher_key(teacher_loaded.folder), general.PROMPTS, settings.samples, settings.max_new_tokens
+        )
+        samples = general.teacher_samples(
+            teacher_loaded.model,
+            teacher_loaded.tokenizer,
+            settings,
+            work / "general_samples.jsonl",
+            key,
+            cfg.train.seed,
+        )
+        texts = general.without_probe(samples, "the teacher's samples")
+    rows = general.rows(texts, teacher_loaded.tokenizer, settings.max_length)
+    log.info("general text: %d rows from %s", len(rows), settings.file or "the teacher's samples")
+    return rows
+
+
+def _build_student(
+    cfg, teacher_loaded: LoadedModel, calibration: dict, general_batch: dict | None, work: Path
+) -> tuple:
+    """(student model, its tokenizer, shared vocabulary, random-init quality, description for run.json).
+
+    Width pruning scores its units on the task's calibration batch and, when the run mixes general text in,
+    on a batch of that text too (Minitron calibrates on its general pre-training data)."""
     teacher = teacher_loaded.model
     device = teacher.device
     if cfg.student is not None:
@@ -269,7 +301,7 @@ def _build_student(cfg, teacher_loaded: LoadedModel, calibration: dict, work: Pa
     students.copy_teacher_weights(model, teacher, layers, importance)
     description = {"from_teacher_layers": layers, "rule": cfg.layer_rule, "intermediate": cfg.student_intermediate}
     if shape is not None:  # the random-init baseline is then one of the pruned shape
-        model = students.width_pruned(model, calibration, shape)
+        model = students.width_pruned(model, [calibration, *([general_batch] if general_batch else [])], shape)
         baseline = students.quality(
             students.random_student(model.config, cfg.train.seed).to(device), teacher, calibration, vocab
         )
@@ -280,9 +312,22 @@ def _build_student(cfg, teacher_loaded: LoadedModel, calibration: dict, work: Pa
 def run_distill(cfg: DistillConfig, on_log: Callable[[dict], None] | None = None) -> Path:
     """Distill, score teacher and student side by side, and write the output folder; returns its path.
 
-    `on_log` also receives every log record of the loop."""
+    `on_log` also receives every log record of the loop. A run refused with a UserError leaves nothing behind
+    (a resumed one keeps its work folder's caches)."""
     meter = RunMeter()
+    general_file = None  # read before anything is written
+    if cfg.general.file and (cfg.general.enabled or cfg.general.correct_teacher):
+        general_file = general.without_probe(general.read_file(cfg.general.file), cfg.general.file)
     output, work = start_run(cfg)
+    try:
+        return _distill(cfg, meter, output, work, general_file, on_log)
+    except UserError:
+        if not cfg.resume:  # e.g. the teacher's general samples, written before the student was refused
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _distill(cfg: DistillConfig, meter: RunMeter, output: Path, work: Path, general_file, on_log) -> Path:
     if cfg.train.release_memory:  # from the start: a cached-signal run frees a whole teacher before training
         return_freed_memory_to_os()
     records = training_records(cfg.data)
@@ -296,15 +341,27 @@ def run_distill(cfg: DistillConfig, on_log: Callable[[dict], None] | None = None
     teacher.requires_grad_(False)
     students.check_heads(teacher)
     key = [signals.teacher_key(teacher_loaded.folder), cfg.data, cfg.train.seed]
+    tasks = report_tasks(cfg.eval, cfg.data.task)
+    teacher_scores = score(teacher_loaded, tasks, cfg.eval)  # the teacher as given, before any correction
+    teacher_footprint = _teacher_footprint(teacher_loaded)  # now: later the teacher may be gone (cached signal)
+    general_rows = _general_rows(cfg, teacher_loaded, general_file, work)
+    if cfg.general.correct_teacher:
+        teacher = general.correct_teacher(
+            teacher, general_rows, cfg.general, tokenizer.pad_token_id, work, cfg.train.seed, cfg.resume
+        )
+        teacher_loaded.model = teacher
+        key.append(["corrected", cfg.general])
     train_rows = _prepare_rows(cfg, teacher, tokenizer, train_records, work, key)
     val_rows = tokenize(val_records, tokenizer, cfg.data) if val_records else []
-    for index, row in enumerate(train_rows + val_rows):
+    general_rows = general_rows if cfg.general.enabled else []
+    for index, row in enumerate(train_rows + val_rows + general_rows):
         row["row"] = index  # the cached teacher signal is indexed by row
     collate = signals.batch_collate(tokenizer.pad_token_id)
     calibration = _to(collate((val_rows or train_rows)[:8]), device)
+    general_batch = _to(collate(general_rows[:8]), device) if general_rows else None
 
     student, student_tokenizer, vocab, random_quality, described = _build_student(
-        cfg, teacher_loaded, calibration, work
+        cfg, teacher_loaded, calibration, general_batch, work
     )
     student_params = sum(p.numel() for p in student.parameters())
     teacher_params = sum(p.numel() for p in teacher.parameters())
@@ -326,9 +383,6 @@ def run_distill(cfg: DistillConfig, on_log: Callable[[dict], None] | None = None
     if init["student"]["kl"] >= random_quality["kl"]:
         log.warning("the student starts further from the teacher than a random init: try layer_rule: measured")
 
-    tasks = report_tasks(cfg.eval, cfg.data.task)
-    teacher_scores = score(teacher_loaded, tasks, cfg.eval)
-    teacher_footprint = _teacher_footprint(teacher_loaded)  # now: later the teacher may be gone (cached signal)
     signal_dtype = _signal_dtype(cfg.teacher_dtype, device)
     signal_name = str(signal_dtype).removeprefix("torch.")
     if teacher.dtype != signal_dtype:
@@ -336,7 +390,7 @@ def run_distill(cfg: DistillConfig, on_log: Callable[[dict], None] | None = None
         teacher.to(signal_dtype)
     cache = None
     if cfg.signal.kind == "cached":
-        cache = _cached_signal(cfg, teacher, train_rows + val_rows, collate, vocab, work, key)
+        cache = _cached_signal(cfg, teacher, train_rows + val_rows + general_rows, collate, vocab, work, key)
         teacher_loaded.model = teacher = None  # training runs without the teacher in memory
         gc.collect()
 
@@ -350,11 +404,17 @@ def run_distill(cfg: DistillConfig, on_log: Callable[[dict], None] | None = None
         train_collate = signals.on_policy(
             collate, model, cfg.signal, tokenizer.pad_token_id, tokenizer.eos_token_id, guards.warn
         )
+    loop_rows = train_rows
+    if general_rows:  # units of task and general rows at the ratio; validation stays on the task
+        general_loss = make_loss_fn(teacher, cache, cfg.general.objectives, vocab, cfg.chunk_size, guards)
+        loss_fn = general.mixed_loss(loss_fn, general_loss, cfg.general.weight)
+        train_collate = general.mixed_collate(train_collate, collate)
+        loop_rows = general.units(train_rows, general_rows, cfg.general.ratio)
     save_run_config(cfg, work)
     with on_interrupt(work):
         history = train(
             model,
-            train_rows,
+            loop_rows,
             loss_fn,
             train_collate,
             cfg.train,
@@ -384,6 +444,8 @@ def run_distill(cfg: DistillConfig, on_log: Callable[[dict], None] | None = None
                 "train_records": len(train_records),
                 "val_records": len(val_records),
                 "train_rows": len(train_rows),
+                "general_rows": len(general_rows),
+                "general_source": (cfg.general.file or "teacher samples") if general_rows else None,
             },
             config=config_io.to_dict(cfg),
             tokens_seen=tokens_seen(history),
@@ -435,7 +497,8 @@ def _cached_signal(cfg, teacher, rows, collate, vocab: int, work: Path, key: lis
     from safetensors import safe_open
 
     path = Path(cfg.signal.cache) if cfg.signal.cache else work / "teacher_topk.safetensors"
-    temperatures = sorted({o.temperature for o in cfg.objectives if o.loss != "ce"}) or [1.0]
+    objectives = [*cfg.objectives, *(cfg.general.objectives if cfg.general.enabled else [])]
+    temperatures = sorted({o.temperature for o in objectives if o.loss != "ce"}) or [1.0]
     cache_key = signals.fingerprint(key, cfg.signal.top_k, temperatures, len(rows), vocab, str(teacher.dtype))
     current = None
     if path.is_file():

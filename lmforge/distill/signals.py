@@ -188,7 +188,7 @@ def sequence_targets(
     teacher, tokenizer, records: list[dict], prompts: list[str], settings: SignalSettings, path: Path, key: str
 ) -> list[dict]:
     """Records whose completions the teacher wrote (greedy, once, cached at `path`), filtered."""
-    cached = _read_jsonl_cache(path, key)
+    cached = read_jsonl_cache(path, key)
     if cached is None:
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         log.info("sequence-level KD: the teacher writes %d completions (once, cached in %s)", len(encoded), path)
@@ -196,7 +196,7 @@ def sequence_targets(
             teacher, encoded, settings.max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id, False
         )
         cached = [{"tokens": tokens, "finished": done} for tokens, done in outputs]
-        _write_jsonl_cache(path, key, cached)
+        write_jsonl_cache(path, key, cached)
     kept, dropped = [], {"truncated": 0, "short": 0, "repetitive": 0}
     eos = tokenizer.eos_token_id
     for record, out in zip(records, cached, strict=True):
@@ -215,7 +215,8 @@ def sequence_targets(
     return kept
 
 
-def _read_jsonl_cache(path: Path, key: str) -> list[dict] | None:
+def read_jsonl_cache(path: Path, key: str) -> list[dict] | None:
+    """The rows of a jsonl cache written for `key`, or None (no file, or written for other inputs)."""
     if not path.is_file():
         return None
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -224,7 +225,8 @@ def _read_jsonl_cache(path: Path, key: str) -> list[dict] | None:
     return [json.loads(line) for line in lines[1:]]
 
 
-def _write_jsonl_cache(path: Path, key: str, rows: list[dict]) -> None:
+def write_jsonl_cache(path: Path, key: str, rows: list[dict]) -> None:
+    """Write `rows` under a first line holding `key` (through a temporary file, so a crash leaves none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w", encoding="utf-8") as handle:

@@ -236,10 +236,11 @@ def width_shape(teacher, layers: int, width: prune.WidthSettings) -> prune.Shape
     return prune.target_shape(teacher.config, layers, width, sum(p.numel() for p in teacher.parameters()))
 
 
-def width_pruned(model, calibration: dict, shape: prune.Shape):
-    """`model` narrowed to `shape`, keeping the units with the largest activations on `calibration`."""
+def width_pruned(model, batches: list[dict], shape: prune.Shape):
+    """`model` narrowed to `shape`, keeping the units with the largest activations on `batches` (the task's
+    calibration batch, and general text when the run mixes it in)."""
     before = model.config
-    pruned = prune.prune(model, prune.choose(prune.importance(model, [calibration]), before, shape))
+    pruned = prune.prune(model, prune.choose(prune.importance(model, batches), before, shape))
     log.info(
         "width pruning: hidden %d -> %d, MLP %d -> %d, query heads %d -> %d (%d -> %d parameters)",
         before.hidden_size,
