@@ -151,6 +151,18 @@ def test_a_gain_within_noise_does_not_pay_off(runs, tmp_path):
     assert verdict.startswith("did not pay off: dates +0.050 is within noise")
 
 
+def test_a_student_that_loses_general_text_does_not_pay_off(runs, tmp_path):
+    changed = tmp_path / "student"
+    shutil.copytree(runs["student"], changed)
+    record = json.loads((changed / "run.json").read_text())
+    record["metrics"]["probe"]["perplexity"]["value"] = 14.9 * 2.5  # the teacher (merge_good) has 14.9
+    (changed / "run.json").write_text(json.dumps(record))
+    comparison = compare(specs(runs | {"student": changed}), baseline="base")
+    assert comparison.verdicts["student"].startswith("did not pay off: probe perplexity 2.5x the teacher's (> 2x)")
+    detail = {row[0]: row for row in comparison.tables[3].rows}
+    assert "probe perplexity 2.50x the teacher's" in detail["student"][5]
+
+
 def test_a_making_run_alone_is_a_row_and_the_baseline_defaults_to_the_first(runs, tmp_path):
     made = json.loads((runs["expert_dates"] / "run.json").read_text())["inputs"]["model"]["folder"]
     comparison = compare([str(runs["base"]), made])

@@ -31,7 +31,9 @@ FAMILIES = {"finetune": "fine-tuning", "distill": "distillation", "merge": "merg
 KEEPS = 0.8  # a merge pays off when it keeps this share of every expert's gain
 RETAINS = 0.9  # a student pays off when it keeps this share of its teacher's score ...
 FASTER = 1.2  # ... and generates at least this much faster
+GENERAL = 2.0  # ... and its probe perplexity is at most this multiple of the teacher's (issue 17)
 FORGETS = 0.10  # probe perplexity up by more than this share counts as forgetting
+FUSED_COST = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_bytes": None, "tokens_seen": 0}  # nothing trained or written
 
 
 def headline(metrics: dict) -> dict | None:
@@ -128,6 +130,9 @@ def load_rows(specs: list[str]) -> list[Row]:
             producer = made[1] if made else None
             name = label or (made[0].name if made else Path(str(model.get("ref", folder.name))).name)
             method, family = _method(producer)
+            cost = _cost(producer) if producer else None
+            if model.get("fuse"):  # fused at generation (eval/fusion.py): nothing made; its inputs are the members
+                method, family, producer, cost = f"fuse {model['fuse']}", "fusion", record, dict(FUSED_COST)
             footprint = dict(record.get("metrics", {}).get("footprint") or {})
             rows.append(
                 Row(
@@ -137,7 +142,7 @@ def load_rows(specs: list[str]) -> list[Row]:
                     model.get("folder"),
                     task_scores(record.get("metrics")),
                     footprint,
-                    _cost(producer) if producer else None,
+                    cost,
                     producer,
                     [str(folder)] + ([str(made[0])] if made else []),
                     _curve(made[0]) if made else [],
@@ -290,7 +295,8 @@ def footprint_table(rows: list[Row]) -> TableData:
     for row in rows:
         fp, cost = row.footprint, row.cost or {}
         params = fp.get("params_total")
-        active = _moe_metrics(row).get("params_active")  # a mixture of experts uses only part per token
+        # a mixture of experts uses only part per token; a fused model (footprint) runs every member
+        active = _moe_metrics(row).get("params_active") or fp.get("params_active")
         body.append(
             [
                 row.label,
@@ -351,14 +357,14 @@ def method_details(rows: list[Row], base: Row, tasks: list[str]) -> tuple[dict[s
     verdicts, body = {}, []
     scored = [t for t in tasks if t != "probe"]
     for row in rows:
-        if row is base or row.family not in FAMILIES.values():
+        if row is base or row.family not in (*FAMILIES.values(), "fusion"):
             continue
         inputs = [by_folder[f] for f in _input_folders((row.producer or {}).get("inputs")) if f in by_folder]
         gains = [f"{t} {_signed(_delta(row, base, t))}" for t in scored]
         kept = []
         if row.family == "fine-tuning":
             verdict = _finetune_verdict(row, base, _targets(row, tasks))
-        elif row.family == "merge":
+        elif row.family in ("merge", "fusion"):  # both are judged by the share of each expert's gain they keep
             mine = [experts[t] for t in scored if t in experts]
             verdict, kept = _merge_verdict(row, base, [e for e in mine if e in inputs] or mine)
             routed = _moe_metrics(row).get("routing_accuracy", {}).get("by_task") or {}
@@ -458,13 +464,19 @@ def _distill_verdict(row: Row, teacher: Row | None, tasks: list[str]) -> tuple[s
     speed = _ratio(teacher.footprint.get("ms_per_token"), row.footprint.get("ms_per_token"))
     shape = f"{_fmt(size, 2)}x the teacher's parameters, {_fmt(speed, 2)}x its generation speed"
     kept.append(shape)
+    probe = _ratio((row.scores.get("probe") or {}).get("value"), (teacher.scores.get("probe") or {}).get("value"))
+    if probe is not None:
+        kept.append(f"probe perplexity {probe:,.2f}x the teacher's")
     if not shares:
         return "teacher scores nothing the student is scored on", kept
     worst = min(shares, key=lambda s: s[1])
-    if worst[1] >= RETAINS and (speed or 0) >= FASTER:
+    general_kept = probe is None or probe <= GENERAL
+    if worst[1] >= RETAINS and (speed or 0) >= FASTER and general_kept:
         return f"paid off: keeps >= {RETAINS:.0%} of the teacher's score at {shape}", kept
     if worst[1] < RETAINS:
         return f"did not pay off: keeps only {worst[1]:.0%} of the teacher's {worst[0]}", kept
+    if not general_kept:
+        return f"did not pay off: probe perplexity {probe:,.1f}x the teacher's (> {GENERAL:g}x)", kept
     return f"did not pay off: not faster enough ({_fmt(speed, 2)}x < {FASTER}x)", kept
 
 
