@@ -207,3 +207,18 @@ def test_contrastive_refuses_log_likelihood_tasks(trio, tmp_path):
     with pytest.raises(UserError, match="task probe scores log-likelihoods"):
         run_eval(trio[:2], ["dates", "probe"], out_dir=tmp_path / "out", fuse="contrastive")
     assert not (tmp_path / "out").exists()
+
+
+def test_report_shows_a_fused_run_as_a_fusion_row_made_at_no_cost(trio, tmp_path):
+    from lmforge.report.compare import compare
+
+    base, _ = run_eval(trio[0], ["dates"], out_dir=tmp_path / "base", limit=2, footprint=False)
+    fused, _ = run_eval(trio[:2], ["dates"], out_dir=tmp_path / "fused", limit=2, fuse="ensemble")
+    comparison = compare([f"base={base}", f"ensemble={fused}"])
+    row = comparison.rows[1]
+    assert (row.family, row.method, row.cost["wall_s"]) == ("fusion", "fuse ensemble", 0.0)
+    footprint = next(t for t in comparison.tables if t.title.startswith("footprint"))
+    single = sum(p.numel() for p in load_model(trio[0]).model.parameters())
+    total = f"{2 * single / 1e3:.1f} K"
+    assert footprint.rows[1][1] == f"{total} ({total} active)"  # both members run for every token
+    assert "ensemble" in comparison.verdicts  # judged like a merge: against the experts' gains

@@ -266,12 +266,14 @@ def edit(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
 
 
 def evaluation(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
-    facts = facts_of(str(config.get("model", "")))
+    model = config.get("model", "")
+    members = len(model) if isinstance(model, list) and model else 1  # fused models: every member runs each step
+    facts = facts_of(str(model[0] if isinstance(model, list) and model else model))
     tasks = list(config.get("tasks") or [])
     limit = config.get("limit")
     records = min(int(limit or TASK_RECORDS), TASK_RECORDS) * len([t for t in tasks if t != "probe"])
-    seconds = START_S + _scoring_seconds(facts, records, "probe" in tasks, limit)
+    seconds = START_S + members * _scoring_seconds(facts, records, "probe" in tasks, limit)
     if config.get("footprint", True):
-        seconds += FOOTPRINT_S * _scale(facts)
-    peak = RUNTIME_BYTES + _weights(facts) * 1.9
+        seconds += members * FOOTPRINT_S * _scale(facts)
+    peak = RUNTIME_BYTES + members * _weights(facts) * 1.9
     return Estimate(seconds, peak, f"{records} generations" + (" + probe" if "probe" in tasks else ""), facts)
