@@ -49,7 +49,8 @@ def score(ref: str, args) -> dict:
     unwanted = toxicity.unwanted_rate(model, tokenizer, prompts, max_new_tokens=args.new_tokens)
     margin = toxicity.preference_margin(model, tokenizer, toxicity.heldout_pairs()[: args.margin_pairs])
     probe = metrics_of(evaluate(loaded, ["probe"], limit=args.probe_docs, footprint=False))["probe"]
-    task = metrics_of(evaluate(loaded, [args.task], limit=args.task_limit, footprint=False))[args.task]
+    task = evaluate(loaded, [args.task], limit=args.task_limit, num_fewshot=args.shots, footprint=False)
+    task = metrics_of(task)[args.task]
     return {
         "unwanted_rate": unwanted["rate"],
         "unwanted_flagged": unwanted["flagged"],
@@ -80,12 +81,15 @@ def main() -> None:
     parser.add_argument("--dpo-batch", type=int, default=4, help="pairs per DPO step")
     parser.add_argument("--dpo-lr", type=float, default=5e-4)
     parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--layers", default=None, help="ProFS layers, e.g. 24,25,26 (default: lmforge's)")
+    parser.add_argument("--no-base", action="store_true", help="do not score the base model")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts generated from (of 128)")
     parser.add_argument("--new-tokens", type=int, default=6)
     parser.add_argument("--margin-pairs", type=int, default=8)
     parser.add_argument("--probe-docs", type=int, default=1)
     parser.add_argument("--task", default="dates")
     parser.add_argument("--task-limit", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=0, help="k-shot turns for the task (the base scores 0 at 0)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lmforge-edit-vs-dpo"))
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "edit_vs_dpo.json")
     args = parser.parse_args()
@@ -93,9 +97,10 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": []}
-    results["base"] = score("default", args)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print("base", {k: v for k, v in results["base"].items() if k != "samples"}, flush=True)
+    if not args.no_base:
+        results["base"] = score("default", args)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print("base", {k: v for k, v in results["base"].items() if k != "samples"}, flush=True)
     for condition in args.conditions:
         pairs, _, flip = condition.partition(":")
         data = write_condition(args.work, int(pairs), float(flip or 0))
@@ -103,7 +108,7 @@ def main() -> None:
             out = args.work / f"{method}-{data.stem}"
             if method == "profs":
                 command = [LMFORGE, "edit", "--method", "profs", "--data", str(data), "--out", str(out)]
-                command += ["--k", str(args.k), "eval.probe=false"]
+                command += ["--k", str(args.k), "eval.probe=false"] + (["--layers", args.layers] if args.layers else [])
             else:
                 command = [LMFORGE, "dpo", "--data", str(data), "--out", str(out), "--steps", str(args.dpo_steps)]
                 command += ["--lr", str(args.dpo_lr), f"train.batch_size={args.dpo_batch}", "eval.probe=false"]

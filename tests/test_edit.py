@@ -85,6 +85,16 @@ def test_embeddings_equal_a_naive_masked_mean(tiny_llama):
         assert torch.allclose(batched[0][i], naive, atol=1e-5)
         alone = profs.sentence_embeddings(model, torch.tensor([row]), torch.ones(1, len(row)), layer_names)
         assert torch.allclose(batched[1][i], alone[1][0], atol=1e-5)
+    # site=mlp reads the layer's MLP output instead: the same masked mean, of what the MLP writes.
+    at_mlp = profs.sentence_embeddings(model, ids, mask, {1: "model.layers.1.mlp"})
+    seen = []
+    handle = model.get_submodule("model.layers.1.mlp").register_forward_hook(lambda _m, _i, out: seen.append(out))
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([row]))
+        assert torch.allclose(at_mlp[1][i], seen[-1][0].mean(0), atol=1e-5)
+        assert not torch.allclose(at_mlp[1][i], batched[1][i], atol=1e-3)  # not the residual stream
+    handle.remove()
 
 
 def test_select_pairs_keeps_whole_pairs():
@@ -142,7 +152,7 @@ def test_edit_writes_a_model_folder_whose_change_is_a_rank_k_projection(tiny_lla
     assert {"lmforge.yaml", "run.json", "README.md", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     record = json.loads((out / "run.json").read_text())
     assert record["command"] == "edit" and record["method"] == "profs" and record["data"]["pairs"] == 20
-    assert record["edit"] == {"layers": [1], "k": 2, "centre": True}
+    assert record["edit"] == {"layers": [1], "k": 2, "centre": True, "site": "residual"}
     assert record["preference"]["margin_after"] != record["preference"]["margin_before"]
     before, after = _weights(tiny_llama), _weights(out)
     changed = {name for name in before if not torch.equal(before[name], after[name])}

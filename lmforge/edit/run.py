@@ -60,6 +60,9 @@ class EditConfig:
     """Dimension of the unwanted subspace removed per layer (0 leaves the model unchanged)."""
     centre: bool = True
     """Project the differences off the mean preferred embedding first (the paper's centring)."""
+    site: Literal["residual", "mlp"] = "residual"
+    """Where the embeddings are read: the residual stream after each edited layer (the paper), or that layer's
+    MLP output (what the edited projection writes)."""
     limit: int | None = None
     """Use N pairs drawn at random with `seed` (all when unset)."""
     seed: int = 0
@@ -165,7 +168,8 @@ def run_edit(cfg: EditConfig) -> Path:
     before = score(loaded, tasks, cfg.eval)
     phases.done("eval")
     layer_names = {layer: available[layer] for layer in layers}
-    chosen, rejected, tokens = pair_embeddings(model, tokenizer, pairs, layer_names, cfg)
+    read_at = {layer: name + (".mlp" if cfg.site == "mlp" else "") for layer, name in layer_names.items()}
+    chosen, rejected, tokens = pair_embeddings(model, tokenizer, pairs, read_at, cfg)
     phases.done("embeddings")
     bases = {layer: profs.unwanted_subspace(chosen[layer], rejected[layer], cfg.k, cfg.centre) for layer in layers}
     profs.apply_edit(model, bases, layer_names)
@@ -195,7 +199,7 @@ def run_edit(cfg: EditConfig) -> Path:
             metrics=metrics_of(after) if after else {},
         )
         record["base_metrics"] = metrics_of(before) if before else {}
-        record["edit"] = {"layers": layers, "k": cfg.k, "centre": cfg.centre}
+        record["edit"] = {"layers": layers, "k": cfg.k, "centre": cfg.centre, "site": cfg.site}
         record["phase_seconds"] = phases.seconds  # ProFS's own time (embeddings, projection) apart from the rest
         record["preference"] = {
             "pairs": len(margin_pairs),
