@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lmforge.edit import profs, toxicity
-from lmforge.edit.run import EditConfig, pair_embeddings
+from lmforge.edit.run import EditConfig, pair_pass
 from lmforge.eval.run import evaluate, metrics_of
 from lmforge.models.load import load_model
 
@@ -78,7 +78,8 @@ def main() -> None:
     start = time.perf_counter()
     embeddings = {}
     for site in args.sites:  # one pass per site (hooks on every layer)
-        embeddings[site] = pair_embeddings(model, loaded.tokenizer, pairs, names[site], EditConfig(output="-"))[:2]
+        seen = pair_pass(model, loaded.tokenizer, pairs, names[site], EditConfig(output="-"))
+        embeddings[site] = seen.chosen, seen.rejected
     print(f"embeddings {time.perf_counter() - start:.0f}s", flush=True)
 
     originals = {i: model.get_submodule(f"{n}.mlp.down_proj").weight.detach().clone() for i, n in available.items()}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lmforge import cli
 from lmforge.edit import profs, toxicity
-from lmforge.edit.run import EditConfig, pair_embeddings, run_edit, select_pairs
+from lmforge.edit.run import EditConfig, pair_pass, run_edit, select_pairs
 from lmforge.errors import UserError
 from lmforge.models.load import load_model
 from lmforge.recipe.runner import run_recipe
@@ -107,16 +107,21 @@ def test_select_pairs_keeps_whole_pairs():
     assert select_pairs(records, None, 0) == records
 
 
-def test_pair_embeddings_rows_are_aligned(tiny_llama, tmp_path):
+def test_pair_pass_rows_are_aligned_and_its_margin_is_the_margin(tiny_llama, tmp_path):
     loaded = load_model(str(tiny_llama))
     names = {1: "model.layers.1"}
     pairs = _pairs(5)
-    cfg = EditConfig(output=str(tmp_path / "x"), batch_size=2)
-    chosen, rejected, _ = pair_embeddings(loaded.model, loaded.tokenizer, pairs, names, cfg)
-    one_chosen, one_rejected, _ = pair_embeddings(loaded.model, loaded.tokenizer, pairs[3:4], names, cfg)
-    assert chosen[1].shape == (5, 32)
-    assert torch.allclose(chosen[1][3], one_chosen[1][0], atol=1e-5)
-    assert torch.allclose(rejected[1][3], one_rejected[1][0], atol=1e-5)
+    cfg = EditConfig(output=str(tmp_path / "x"), batch_size=4)  # 2 pairs a forward: pairs 3 and 4 share one
+    seen = pair_pass(loaded.model, loaded.tokenizer, pairs, names, cfg)
+    alone = pair_pass(loaded.model, loaded.tokenizer, pairs[3:4], names, cfg)
+    assert seen.chosen[1].shape == (5, 32) and len(seen.margins) == 5
+    assert torch.allclose(seen.chosen[1][3], alone.chosen[1][0], atol=1e-5)
+    assert torch.allclose(seen.rejected[1][3], alone.rejected[1][0], atol=1e-5)
+    assert not torch.allclose(seen.chosen[1][3], seen.rejected[1][3], atol=1e-3)
+    # The same forward scores the pairs: its margins are those of toxicity.preference_margin, pair by pair.
+    assert seen.margins[3] == pytest.approx(alone.margins[0], abs=1e-4)
+    expected = toxicity.preference_margin(loaded.model, loaded.tokenizer, pairs)
+    assert sum(seen.margins) / 5 == pytest.approx(expected, abs=1e-4)
 
 
 def test_edited_layer_writes_nothing_along_the_removed_directions(tiny_llama, tmp_path):
@@ -124,8 +129,8 @@ def test_edited_layer_writes_nothing_along_the_removed_directions(tiny_llama, tm
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     names = profs.find_projections(model)
     cfg = EditConfig(output=str(tmp_path / "x"))
-    chosen, rejected, _ = pair_embeddings(model, tokenizer, _pairs(20), {1: names[1]}, cfg)
-    basis = profs.unwanted_subspace(chosen[1], rejected[1], k=2)
+    seen = pair_pass(model, tokenizer, _pairs(20), {1: names[1]}, cfg)
+    basis = profs.unwanted_subspace(seen.chosen[1], seen.rejected[1], k=2)
     outputs = {}
     for index in (0, 1):
         model.get_submodule(f"model.layers.{index}.mlp.down_proj").register_forward_hook(

@@ -14,7 +14,8 @@ The functions here are pure tensor maths plus the hooks that read hidden states;
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -62,16 +63,12 @@ def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
-@torch.no_grad()
-def sentence_embeddings(model: nn.Module, ids: Tensor, mask: Tensor, layer_names: dict[int, str]) -> dict[int, Tensor]:
-    """Each named layer's output hidden states averaged over the non-pad tokens of each row.
+@contextmanager
+def capture(model: nn.Module, mask: Tensor, layer_names: dict[int, str]) -> Iterator[dict[int, Tensor]]:
+    """While open, a forward pass of `model` over rows masked by `mask` (batch, seq) fills the yielded dict:
+    layer index -> (batch, dim) fp32 mean of that module's output over each row's non-pad tokens.
 
-    Args:
-        model: a causal LM whose decoder layers are `layer_names` (see find_projections).
-        ids, mask: (batch, seq) token ids and attention mask (1 = real token).
-        layer_names: layer index -> module name; the layer's output (the residual stream after it) is read.
-    Returns:
-        layer index -> (batch, dim) fp32 embeddings.
+    A context rather than a forward of its own, so one pass can also score the rows (lmforge.edit.run).
     """
     captured: dict[int, Tensor] = {}
 
@@ -84,12 +81,27 @@ def sentence_embeddings(model: nn.Module, ids: Tensor, mask: Tensor, layer_names
 
     handles = [model.get_submodule(name).register_forward_hook(keep(i)) for i, name in layer_names.items()]
     try:
-        device = next(model.parameters()).device
-        # The decoder alone: the layers' outputs are all that is read, so the LM head's logits are never formed.
-        model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        yield captured
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, ids: Tensor, mask: Tensor, layer_names: dict[int, str]) -> dict[int, Tensor]:
+    """Each named layer's output hidden states averaged over the non-pad tokens of each row.
+
+    Args:
+        model: a causal LM whose decoder layers are `layer_names` (see find_projections).
+        ids, mask: (batch, seq) token ids and attention mask (1 = real token).
+        layer_names: layer index -> module name; the layer's output (the residual stream after it) is read.
+    Returns:
+        layer index -> (batch, dim) fp32 embeddings.
+    """
+    device = next(model.parameters()).device
+    with capture(model, mask, layer_names) as captured:
+        # The decoder alone: the layers' outputs are all that is read, so the LM head's logits are never formed.
+        model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     return captured
 
 

@@ -1,12 +1,13 @@
 """`lmforge edit`: training-free editing of a model from preference pairs (ProFS), into a normal model folder.
 
-Reads top to bottom: check the config, find the MLP output projections and the layers to edit (before the
-pairs load, so a bad layer costs nothing), load and subsample the pairs (whole records, so a pair's two sides
-never separate), render both sides the way `lmforge dpo` does (chat template, prompt included, EOS), read
-every edited layer's sentence embeddings from the unedited model, compute each layer's unwanted subspace and
-project it out of that layer's `mlp.down_proj`, then write the folder: weights, tokenizer, lmforge.yaml,
-run.json (with the pairs' log-likelihood margin before and after) and a model card. The forgetting report
-(eval:) is the same as the training commands'. Method: lmforge/edit/profs.py.
+Reads top to bottom: check the config, load and subsample the pairs (whole records, so a pair's two sides
+never separate) and check k against them before the model loads, find the MLP output projections and the
+layers to edit, render both sides the way `lmforge dpo` does (chat template, prompt included, EOS), one
+forward pass of the unedited model that both reads every edited layer's sentence embeddings and scores the
+pairs' log-likelihood margin, compute each layer's unwanted subspace and project it out of that layer's
+`mlp.down_proj`, score the margin again, then write the folder: weights, tokenizer, lmforge.yaml, run.json
+(the margin before and after, seconds per phase) and a model card. The forgetting report (eval:) is the same
+as the training commands'. Method: lmforge/edit/profs.py.
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ from typing import Any, Literal
 import torch
 
 from lmforge import config as config_io
-from lmforge.data.chat import render_example
 from lmforge.data.sources import load_records
 from lmforge.edit import profs
-from lmforge.edit.toxicity import preference_margin, preference_pairs
+from lmforge.edit.toxicity import preference_pairs
 from lmforge.errors import UserError
 from lmforge.eval.forgetting import EvalSettings, forgetting_table, print_forgetting, report_tasks, score
 from lmforge.eval.run import metrics_of
+from lmforge.finetune.dpo import collate_pairs, tokenize_pairs
 from lmforge.models.load import load_model
 from lmforge.outputs import CardTable, model_card, save_model, staged_output, write_run_files
 from lmforge.report.record import RunMeter, run_record
+from lmforge.train.chunked import sequence_logprobs
 
 log = logging.getLogger("lmforge.edit")
 MARGIN_PAIRS = 64
@@ -117,29 +119,44 @@ def load_pairs(cfg: EditConfig) -> list[dict]:
     return select_pairs(records, cfg.limit, cfg.seed)
 
 
-def render_side(tokenizer, pair: dict, side: str, max_length: int) -> list[int]:
-    """Token ids of prompt + one side's completion, rendered as `lmforge dpo` renders it."""
-    return render_example(tokenizer, {"prompt": pair["prompt"], "completion": pair[side]}, max_length).input_ids
+@dataclass
+class PairPass:
+    """What one forward pass over both sides of every pair gives: per layer, the (pairs, dim) embeddings of the
+    chosen and of the rejected sides (row i of each from pair i), each pair's margin, and the tokens read."""
+
+    chosen: dict[int, torch.Tensor]
+    rejected: dict[int, torch.Tensor]
+    margins: list[float]
+    """log p(rejected | prompt) - log p(chosen | prompt) per pair, as toxicity.preference_margin."""
+    tokens: int
 
 
-def pair_embeddings(model, tokenizer, pairs: list[dict], layer_names: dict[int, str], cfg: EditConfig):
-    """Per layer, the (pairs, dim) embeddings of the chosen and of the rejected sides, rows aligned by pair."""
+@torch.no_grad()
+def pair_pass(model, tokenizer, pairs: list[dict], layer_names: dict[int, str], cfg: EditConfig) -> PairPass:
+    """Both sides of each pair rendered as `lmforge dpo` renders them (chat template, prompt included, EOS), one
+    forward per batch that both scores the completions and reads the named layers (none: the margin alone)."""
+    rows = tokenize_pairs(pairs, tokenizer, cfg.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sides: dict[str, dict[int, list[torch.Tensor]]] = {"chosen": {}, "rejected": {}}
-    tokens = 0
-    for side, per_layer in sides.items():
-        rows = [render_side(tokenizer, pair, side, cfg.max_length) for pair in pairs]
-        tokens += sum(map(len, rows))
-        for start in range(0, len(rows), cfg.batch_size):
-            chunk = rows[start : start + cfg.batch_size]
-            width = max(map(len, chunk))
-            ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in chunk])
-            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in chunk])
-            for layer, emb in profs.sentence_embeddings(model, ids, mask, layer_names).items():
-                per_layer.setdefault(layer, []).append(emb)
-    chosen = {layer: torch.cat(parts) for layer, parts in sides["chosen"].items()}
-    rejected = {layer: torch.cat(parts) for layer, parts in sides["rejected"].items()}
-    return chosen, rejected, tokens
+    chosen: dict[int, list[torch.Tensor]] = {}
+    rejected: dict[int, list[torch.Tensor]] = {}
+    margins, tokens = [], 0
+    per_batch = max(1, cfg.batch_size // 2)  # pairs per forward: batch_size texts
+    for start in range(0, len(rows), per_batch):
+        chunk = rows[start : start + per_batch]
+        batch = collate_pairs(chunk, pad_id)  # the chosen sides, then the rejected sides
+        tokens += int(batch["attention_mask"].sum())
+        with profs.capture(model, batch["attention_mask"], layer_names) as seen:
+            logps = sequence_logprobs(model, batch)  # (2 x pairs,)
+        margins += (logps[len(chunk) :] - logps[: len(chunk)]).tolist()
+        for layer, emb in seen.items():
+            chosen.setdefault(layer, []).append(emb[: len(chunk)])
+            rejected.setdefault(layer, []).append(emb[len(chunk) :])
+    return PairPass(
+        {layer: torch.cat(parts) for layer, parts in chosen.items()},
+        {layer: torch.cat(parts) for layer, parts in rejected.items()},
+        margins,
+        tokens,
+    )
 
 
 def run_edit(cfg: EditConfig) -> Path:
@@ -161,20 +178,20 @@ def run_edit(cfg: EditConfig) -> Path:
     layers = profs.check_layers(cfg.layers if cfg.layers is not None else upper_half, list(available))
     phases.done("load")
 
-    margin_pairs = pairs[:MARGIN_PAIRS]
-    margin_before = preference_margin(model, tokenizer, margin_pairs, cfg.max_length)
-    phases.done("margin")
     tasks = report_tasks(cfg.eval)
     before = score(loaded, tasks, cfg.eval)
     phases.done("eval")
     layer_names = {layer: available[layer] for layer in layers}
     read_at = {layer: name + (".mlp" if cfg.site == "mlp" else "") for layer, name in layer_names.items()}
-    chosen, rejected, tokens = pair_embeddings(model, tokenizer, pairs, read_at, cfg)
+    seen = pair_pass(model, tokenizer, pairs, read_at, cfg)  # the margin before comes from the same pass
     phases.done("embeddings")
-    bases = {layer: profs.unwanted_subspace(chosen[layer], rejected[layer], cfg.k, cfg.centre) for layer in layers}
+    bases = {i: profs.unwanted_subspace(seen.chosen[i], seen.rejected[i], cfg.k, cfg.centre) for i in layers}
     profs.apply_edit(model, bases, layer_names)
     phases.done("projection")
-    margin_after = preference_margin(model, tokenizer, margin_pairs, cfg.max_length)
+    margin_pairs = pairs[:MARGIN_PAIRS]
+    margins_after = pair_pass(model, tokenizer, margin_pairs, {}, cfg).margins
+    margin_before = sum(seen.margins[: len(margins_after)]) / len(margins_after)
+    margin_after = sum(margins_after) / len(margins_after)
     phases.done("margin")
     after = score(loaded, tasks, cfg.eval)
     phases.done("eval")
@@ -193,7 +210,7 @@ def run_edit(cfg: EditConfig) -> Path:
             inputs={"model": {"ref": cfg.model, "folder": str(loaded.folder)}},
             data={"path": cfg.data, "pairs": len(pairs)},
             config=config_io.to_dict(cfg),
-            tokens_seen=tokens,
+            tokens_seen=seen.tokens,
             params_total=sum(p.numel() for p in model.parameters()),
             params_trainable=0,
             metrics=metrics_of(after) if after else {},
@@ -202,7 +219,7 @@ def run_edit(cfg: EditConfig) -> Path:
         record["edit"] = {"layers": layers, "k": cfg.k, "centre": cfg.centre, "site": cfg.site}
         record["phase_seconds"] = phases.seconds  # ProFS's own time (embeddings, projection) apart from the rest
         record["preference"] = {
-            "pairs": len(margin_pairs),
+            "pairs": len(margins_after),
             "margin_before": margin_before,
             "margin_after": margin_after,
         }
