@@ -13,6 +13,8 @@ import dataclasses
 import itertools
 import os
 import shutil
+import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,8 +30,21 @@ RECIPE_NOTE = "The full recipe is in lmforge.yaml; costs and scores in run.json.
 
 @contextmanager
 def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging folder; on success it becomes `target`, on any error it is removed."""
+    """Yield a staging folder; on success it becomes `target`, on any error it is removed.
+
+    Under several processes (a training command run by `accelerate launch` or torchrun) only rank 0 stages and
+    renames: the other ranks get a scratch folder outside the output's, deleted on exit, and every rank waits
+    at the end until rank 0 has renamed (so no rank removes the work folder while another still reads it).
+    """
     target = Path(target)
+    if _rank_in_group() > 0:
+        scratch = Path(tempfile.mkdtemp(prefix=f"lmforge-rank{_rank_in_group()}-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        _wait_for_rank0()
+        return
     if target.exists() and not overwrite:
         raise UserError(f"output folder {target} exists: pass --overwrite or choose another folder")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +59,26 @@ def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
+    _wait_for_rank0()
+
+
+def _group():
+    """torch.distributed when a process group of several ranks is running (without importing torch)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed if distributed.get_world_size() > 1 else None
+    return None
+
+
+def _rank_in_group() -> int:
+    group = _group()
+    return group.get_rank() if group is not None else 0
+
+
+def _wait_for_rank0() -> None:
+    group = _group()
+    if group is not None:
+        group.barrier()
 
 
 @dataclass(frozen=True)

@@ -5,17 +5,23 @@ rows. The loop owns what every method needs: seeded data order, gradient accumul
 normalised by the token count of the whole optimiser step (so batch 1 x accumulation 8 equals batch 8 x
 accumulation 1, and N processes equal one), warmup + cosine/linear schedule, gradient clipping, evaluation
 every N steps with early stopping and best-checkpoint keeping, resumable checkpoints (Ctrl-C saves one),
-and a JSONL log. It runs on `accelerate.Accelerator`, so `accelerate launch` / `torchrun` scale it out.
+and a JSONL log. It runs on `accelerate.Accelerator`: `accelerator.prepare` wraps the model and its loss as
+one module (train/loss_module.py) for the launched engine, so `accelerate launch` / `torchrun` scale it out.
+Under several processes the loop is its own distributed sampler: every process draws the same seeded order
+and takes rows r, r+N, r+2N... of each optimiser step's global rows, so ranks see disjoint rows, the global
+step is the one a single process would take, and the data cursor resumes exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -23,7 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -33,10 +40,11 @@ from lmforge.models.compat import checkpointing_rename_quiet
 from lmforge.train.allocator import return_freed_memory_to_os
 from lmforge.train.engines import make_accelerator
 from lmforge.train.in_backward import StepInBackward
+from lmforge.train.loss_module import LossFn, LossModule
+from lmforge.train.ranks import check_launch
 from lmforge.train.tied import densify_gradients, lean_tied_embedding
 
 log = logging.getLogger("lmforge")
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 Collate = Callable[[list[dict]], dict]
 # Padded tokens per forward pass on CPU (TrainConfig.micro_batch_tokens); docs/benchmarks.md has the measurement.
 CPU_MICRO_BATCH_TOKENS = 512
@@ -130,6 +138,8 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     evals_without_gain: int = 0
+    processes: int = 1
+    """How many processes took the steps: a resume must run as many (each step's global rows depend on it)."""
 
 
 def learning_rate_factor(step: int, cfg: TrainConfig) -> float:
@@ -203,16 +213,22 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, model, optimizer, state: TrainState) -> None:
-    """Trainable weights (safetensors), optimiser state, loop state and RNG: enough to resume exactly."""
+def trainable_weights(accelerator: Accelerator, wrapped: torch.nn.Module, model: torch.nn.Module) -> dict:
+    """The trainable weights, whole, as CPU tensors named as in `model`. Call it on every process: under a
+    sharding engine `accelerator.get_state_dict` gathers the shards (under DDP it only unwraps)."""
+    full = accelerator.get_state_dict(wrapped)  # the LossModule's state: the model's keys under "model."
+    return {name: full[f"model.{name}"].detach().contiguous().cpu() for name in _trainable(model)}
+
+
+def save_checkpoint(folder: Path, weights: dict, optimizer, state: TrainState, rng_states: list) -> None:
+    """Trainable weights (safetensors), optimiser state, loop state and every process's RNG: enough to resume
+    exactly. Only the main process calls it; staged in `<folder>.partial` and renamed into place."""
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in _trainable(model).items()}, staging / "trainable.safetensors"
-    )
+    save_file(weights, staging / "trainable.safetensors")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, staging / "rng.pt")
+    torch.save({"torch": rng_states[0], "torch_by_rank": rng_states}, staging / "rng.pt")
     (staging / "state.json").write_text(json.dumps(asdict(state)))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
@@ -243,8 +259,14 @@ def restore_best(model: torch.nn.Module, work_dir: str | Path) -> bool:
     return best.is_file()
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
-    """Restore what save_checkpoint wrote (pickles only with weights_only=True)."""
+def load_checkpoint(folder: Path, model, optimizer, rank: int = 0, processes: int = 1) -> TrainState:
+    """Restore what save_checkpoint wrote, on every process (pickles only with weights_only=True)."""
+    state = TrainState(**json.loads((folder / "state.json").read_text()))
+    if state.processes != processes:
+        raise UserError(
+            f"{folder} was written by {state.processes} process(es), this run has {processes}: resume with "
+            f"{state.processes} (a step's global batch is per-process rows x processes), or start over"
+        )
     load_trainable(model, folder / "trainable.safetensors")
     try:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
@@ -253,8 +275,11 @@ def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
             f"{folder / 'optimizer.pt'} does not fit this run's optimiser ({error}): train the same parameters "
             "as the interrupted run, or start without resume"
         ) from None
-    torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
-    return TrainState(**json.loads((folder / "state.json").read_text()))
+    rng = torch.load(folder / "rng.pt", weights_only=True)
+    by_rank = rng.get("torch_by_rank") or [rng["torch"]]
+    # Ctrl-C under several processes saves rank 0's generator only (no collective while interrupted)
+    torch.set_rng_state(by_rank[rank] if rank < len(by_rank) else by_rank[0])
+    return state
 
 
 def train(
@@ -271,10 +296,14 @@ def train(
 ) -> list[dict]:
     """Optimise the trainable parameters of `model` on `rows`; return one log record per step and eval.
 
+    Every process of a launch calls it with the same arguments; the model is trained in place (the same
+    weights on every process at the end) and only the main process writes the log and checkpoints.
+
     Args:
         model: the module; only parameters with requires_grad are optimised and checkpointed.
         rows: training rows, each turned into a micro-batch by `collate`.
-        loss_fn: (model, batch) -> (loss summed over the batch's tokens, {"tokens": n, ...}).
+        loss_fn: (model, batch) -> (loss summed over the batch's tokens, {"tokens": n, ...}); it runs inside
+            the forward of a LossModule holding `model`, which is what the engine wraps.
         collate: list of rows -> batch dict of tensors; the batch holds "labels" (-100 = no loss) or
             "num_items" (the loss units it holds; see loss_units).
         cfg: optimisation settings.
@@ -285,31 +314,36 @@ def train(
         on_log: called with every log record (progress display).
     """
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    check_launch()
     if cfg.release_memory:
         return_freed_memory_to_os()
-    accelerator = make_accelerator(cfg.mixed_precision)  # refuses engines and precisions this machine lacks
+    # Buffers (rotary tables) are the same on every process: no broadcast at each forward, which would also
+    # be a collective that ranks with different micro-batch counts call a different number of times.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = make_accelerator(cfg.mixed_precision, kwargs_handlers=[ddp])  # refuses what cannot run here
+    world = accelerator.num_processes
     torch.manual_seed(cfg.seed)
-    params = list(_trainable(model).values())
-    if cfg.optimizer_in_backward and accelerator.num_processes != 1:
-        raise UserError(
-            f"train.optimizer_in_backward runs in one process, not {accelerator.num_processes}: "
-            "launch one, or turn it off"
-        )
-    optimizer = _optimizer(params, cfg)
-    # The model is not wrapped in DDP: loss functions reach past forward() to the decoder's hidden states
-    # (chunked losses), which DDP's wrapper would neither expose nor see. Gradients are summed across
-    # processes by hand after each step instead (_sum_gradients); for LoRA that is a few MB.
-    model = model.to(accelerator.device)
+    if cfg.optimizer_in_backward and world != 1:
+        raise UserError(f"train.optimizer_in_backward runs in one process, not {world}: launch one, or turn it off")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = _optimizer(list(_trainable(model).values()), cfg)
+    with warnings.catch_warnings():  # torch renames broadcast_buffers; Accelerate's kwargs know the old name only
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        if isinstance(optimizer, StepInBackward):  # one process (above): its hooks need no engine
+            wrapped = accelerator.prepare(LossModule(model, loss_fn))
+        else:
+            wrapped, optimizer = accelerator.prepare(LossModule(model, loss_fn), optimizer)
+    model = accelerator.unwrap_model(wrapped).model  # the same module, its parameters as the engine left them
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     token_budget = cfg.micro_batch_tokens
     if token_budget is None:
         token_budget = (
             CPU_MICRO_BATCH_TOKENS if accelerator.device.type == "cpu" and not cfg.optimizer_in_backward else 0
         )
-    state = TrainState()
+    state = TrainState(processes=world)
     checkpoint = work_dir / "checkpoint"
     if resume and (checkpoint / "state.json").is_file():
-        state = load_checkpoint(checkpoint, model, optimizer)
+        state = load_checkpoint(checkpoint, model, optimizer, accelerator.process_index, world)
         log.info("resuming from step %d of %d (%s)", state.step, cfg.max_steps, checkpoint)
     elif resume:
         log.info("nothing to resume in %s: starting from step 0", work_dir)
@@ -331,6 +365,19 @@ def train(
             if on_log:
                 on_log(entry)
 
+    def save(interrupted: bool = False) -> None:
+        """Every process gathers (weights, RNG), the main one writes; interrupted, the main one alone."""
+        if interrupted:
+            weights = {k: v.detach().contiguous().cpu() for k, v in _trainable(model).items()}
+            rng_states = [torch.get_rng_state()]
+        else:
+            weights = trainable_weights(accelerator, wrapped, model)
+            rng_states = gather_object([torch.get_rng_state()]) if world > 1 else [torch.get_rng_state()]
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoint, weights, optimizer, state, rng_states)
+        if not interrupted:
+            accelerator.wait_for_everyone()  # nobody reads work_dir (restore_best, the runner) before it is whole
+
     model.train()
     started, mid_step = time.perf_counter(), False
     scope = ExitStack()  # closed in `finally`, also when entering a context fails
@@ -345,9 +392,7 @@ def train(
                 group["lr"] = cfg.lr * learning_rate_factor(state.step, cfg)
             micro = [
                 collate(b)
-                for b in _next_micro_batches(
-                    rows, cfg, state, accelerator.process_index, accelerator.num_processes, token_budget
-                )
+                for b in _next_micro_batches(rows, cfg, state, accelerator.process_index, world, token_budget)
             ]
             local_tokens = sum(loss_units(b) for b in micro)
             local_inputs = sum(
@@ -357,13 +402,17 @@ def train(
             if total_tokens == 0:
                 raise ValueError("a training step has no trainable tokens: check the data's loss mask")
             step_loss, mid_step = 0.0, True  # from here to the step count, weights may be half stepped
-            for batch in micro:
+            for index, batch in enumerate(micro):
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss_sum, _ = loss_fn(model, batch)
-                accelerator.backward(loss_sum / total_tokens)
+                # Gradients are averaged over processes once, in the backward of this process's last
+                # micro-batch (ranks may run different counts: token-budget splits); the loss is scaled by the
+                # process count so the average is the global step's sum over its total units.
+                last = index == len(micro) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+                    loss_sum, _ = wrapped(batch)
+                    accelerator.backward(loss_sum / total_tokens * world)
                 step_loss += loss_sum.item()
             densify_gradients(params)
-            _sum_gradients(model, accelerator)
             grad_norm = None
             if isinstance(optimizer, StepInBackward):
                 grad_norm = optimizer.take_grad_norm()
@@ -390,11 +439,11 @@ def train(
             last = state.step == cfg.max_steps
             due = evaluate is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last)
             if due and _evaluate_and_keep_best(
-                model, evaluate, higher_is_better, cfg, state, work_dir, record, accelerator
+                model, evaluate, higher_is_better, cfg, state, work_dir, record, accelerator, wrapped
             ):
                 break
-            if state.step % cfg.save_every == 0 and accelerator.is_main_process:
-                save_checkpoint(checkpoint, model, optimizer, state)
+            if state.step % cfg.save_every == 0:
+                save()
     except KeyboardInterrupt:
         if mid_step and isinstance(optimizer, StepInBackward):  # some weights took this step, others not
             log.warning(
@@ -402,7 +451,7 @@ def train(
                 checkpoint,
             )
         elif accelerator.is_main_process:
-            save_checkpoint(checkpoint, model, optimizer, state)
+            save(interrupted=True)
             log.warning(
                 "interrupted after step %d of %d: checkpoint saved in %s", state.step, cfg.max_steps, checkpoint
             )
@@ -411,8 +460,7 @@ def train(
         scope.close()
         if board is not None:
             board.close()  # flushes: the writer's background thread may still hold the last scalars
-    if accelerator.is_main_process:
-        save_checkpoint(checkpoint, model, optimizer, state)
+    save()
     model.eval()
     return history
 
@@ -456,32 +504,27 @@ def _tensorboard(work_dir: Path):
     return SummaryWriter(str(work_dir / "tensorboard"))
 
 
-def _sum_gradients(model: torch.nn.Module, accelerator: Accelerator) -> None:
-    """All-reduce (sum) the trainable gradients: every process then holds the gradient of the global step."""
-    if accelerator.num_processes == 1:
-        return
-    for param in _trainable(model).values():
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        param.grad.copy_(accelerator.reduce(param.grad, reduction="sum"))
-
-
-def _evaluate_and_keep_best(model, evaluate, higher_is_better, cfg, state, work_dir, record, accelerator) -> bool:
+def _evaluate_and_keep_best(
+    model, evaluate, higher_is_better, cfg, state, work_dir, record, accelerator, wrapped
+) -> bool:
     """Run `evaluate`, keep the best trainable weights, and say whether patience has run out."""
     model.eval()
     with torch.no_grad():
         metrics = evaluate(model)
     model.train()
+    if accelerator.num_processes > 1:  # every process decides "best" and stops as the main one does
+        metrics = broadcast_object_list([metrics])[0]
     value = next(iter(metrics.values()))
     improved = state.best_metric is None or (
         value > state.best_metric if higher_is_better else value < state.best_metric
     )
     if improved:
         state.best_metric, state.best_step, state.evals_without_gain = value, state.step, 0
+        weights = trainable_weights(accelerator, wrapped, model)
         if accelerator.is_main_process:
-            weights = {k: v.detach().contiguous().cpu() for k, v in _trainable(model).items()}
             (work_dir / "best").mkdir(exist_ok=True)
-            save_file(weights, work_dir / "best" / "trainable.safetensors")
+            save_file(weights, work_dir / "best" / "trainable.safetensors.partial")
+            (work_dir / "best" / "trainable.safetensors.partial").rename(work_dir / "best" / "trainable.safetensors")
     else:
         state.evals_without_gain += 1
     record({"step": state.step, "eval": metrics, "best_step": state.best_step})

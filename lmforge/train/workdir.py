@@ -5,7 +5,8 @@ A training run writes its checkpoints into `<output>.work/` and its result into 
 refuses an existing output (unless overwrite) and drops a stale work folder; a resume refuses a finished
 output (no work folder left) and a work folder whose checkpoint was made with another config.
 `save_run_config` stores the resolved config in the work folder (`lmforge.yaml`) as training starts: it is
-what the next resume is checked against. `on_interrupt` turns Ctrl-C during training into the command
+what the next resume is checked against. Under several processes every rank runs these checks, and only
+rank 0 removes or writes anything (train/ranks.py). `on_interrupt` turns Ctrl-C during training into the command
 that resumes.
 
 On resume every key of the resolved config must match the work folder's, except RESUME_MAY_CHANGE: the
@@ -30,6 +31,8 @@ from typing import Any
 
 from lmforge import config as config_io
 from lmforge.errors import UserError
+from lmforge.train.engines import check_run
+from lmforge.train.ranks import check_launch, is_main
 
 log = logging.getLogger("lmforge")
 CONFIG_FILE = "lmforge.yaml"
@@ -60,6 +63,8 @@ def start_run(cfg: Any) -> tuple[Path, Path]:
     was read). A run that does not resume starts from nothing: a work folder left by an interrupted run is
     removed.
     """
+    check_launch()
+    check_run(cfg)  # the launched engine, train.mixed_precision and lora.quantize can run here
     output, work = Path(cfg.output), work_folder(cfg.output)
     if cfg.resume and work.is_dir():
         check_resumable(cfg, work)
@@ -67,7 +72,7 @@ def start_run(cfg: Any) -> tuple[Path, Path]:
         raise UserError(f"{output} is a finished run; pass --overwrite to train it again")
     elif output.exists() and not (cfg.overwrite or cfg.resume):
         raise UserError(f"output folder {output} exists: set overwrite: true (or --overwrite), or resume: true")
-    if not cfg.resume:
+    if not cfg.resume and is_main():
         shutil.rmtree(work, ignore_errors=True)
     return output, work
 
@@ -97,7 +102,7 @@ def save_run_config(cfg: Any, work: Path) -> None:
     """As training starts, store the resolved config the next resume is checked against (a resumed run keeps
     the stored one: the keys it may change are not the run's identity)."""
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / CONFIG_FILE).is_file():
+    if is_main() and not (work / CONFIG_FILE).is_file():
         config_io.dump(cfg, work / CONFIG_FILE)
 
 
