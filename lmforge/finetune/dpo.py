@@ -281,7 +281,7 @@ def run_dpo(cfg: DPOConfig, on_log: Callable[[dict], None] | None = None) -> Pat
     output, work = start_run(cfg)
     records = load_pairs(cfg.data)
     train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, quantize=cfg.lora.quantize if cfg.method == "lora" else None)
     tokenizer, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
     train_rows = tokenize_pairs(train_records, tokenizer, cfg.data.max_length)
     val_rows = tokenize_pairs(val_records, tokenizer, cfg.data.max_length)

@@ -8,11 +8,13 @@ the merge is refused instead of silently writing a divergent model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from lmforge import config as config_io
 from lmforge.errors import UserError
+from lmforge.models import quantize
 from lmforge.models.compat import checkpointing_rename_quiet
 from lmforge.train.chunked import on_model_device
 
@@ -33,6 +35,9 @@ class LoraSettings:
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732)."""
     dora: bool = False
     """Weight-decomposed LoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353)."""
+    quantize: Literal["nf4", "int8"] | None = None
+    """QLoRA: load the frozen base quantised through bitsandbytes (`pip install 'lmforge[qlora]'`), nf4 with
+    double quantisation or LLM.int8; the adapter trains in float on top (models/quantize.py). null: float base."""
 
     def __post_init__(self) -> None:
         """Refuse shapes no adapter can have when the config is read, before any model loads."""
@@ -48,8 +53,12 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def attach_lora(model: torch.nn.Module, settings: LoraSettings):
-    """Wrap `model` with a fresh LoRA adapter; only adapter weights stay trainable."""
+    """Wrap `model` with a fresh LoRA adapter; only adapter weights stay trainable. A base loaded quantised
+    (lora.quantize) is first prepared by PEFT for k-bit training."""
     from peft import LoraConfig, get_peft_model
+
+    if quantize.is_quantized(model):
+        model = quantize.prepare_for_training(model)
 
     targets: str | list[str] = settings.target_modules
     if targets == ["all-linear"]:
@@ -80,8 +89,11 @@ def merge_and_verify(peft_model, batches: list[dict], atol: float = 1e-3) -> tor
 
     A merge can drift where the base weights are too coarse to hold the update (bfloat16 rounds a small
     `B @ A` away), so the merged model is checked against the adapter on `batches`, real token positions
-    only, before anything is written.
+    only, before anything is written. A quantised base (QLoRA) is dequantised first and the adapter merged
+    into the float weights: the check is then against the adapter on exactly those weights, in float32.
     """
+    if quantize.is_quantized(peft_model):
+        peft_model = quantize.onto_dequantized_base(peft_model)
     peft_model.eval()
     batches = [on_model_device(peft_model, b) for b in batches]
     with torch.no_grad():

@@ -160,7 +160,7 @@ def _run_tune(cfg: TuneConfig, console: Console | None) -> TuneResults:
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # left by an interrupted run
     base = {f.name: getattr(cfg, f.name) for f in fields(SFTConfig)}
     base_overrides = [f"{k}={json.dumps(v)}" for k, v in config_io.to_dict(SFTConfig(**base)).items()]
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, quantize=cfg.lora.quantize if cfg.method == "lora" else None)
     base_scores = _base_scores(study, loaded, cfg)
 
     def objective(trial: optuna.Trial) -> float:

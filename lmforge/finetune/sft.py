@@ -97,7 +97,7 @@ def run_sft(
     train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
     shared = loaded is not None
     if loaded is None:
-        loaded = load_model(cfg.model)
+        loaded = load_model(cfg.model, quantize=cfg.lora.quantize if cfg.method == "lora" else None)
     else:  # a shallow copy, so `loaded.model = model` below leaves the caller's record alone
         copy_base = cfg.method == "full" or cfg.merge  # these change the base weights in place
         loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model) if copy_base else loaded.model)

@@ -243,7 +243,7 @@ def load_model(
         return _load_adapter(folder, dtype, device, trust_remote_code)
     placed = {}
     if quantize:
-        from lmforge.models.quantize import loading_arguments
+        from lmforge.models.quantize import keep_one_layout, loading_arguments
 
         placed = loading_arguments(quantize, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -257,7 +257,9 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model from {folder}: {str(err).splitlines()[0]}") from None
-    if not quantize:  # a quantised model is placed while it loads
+    if quantize:  # placed while it loads
+        keep_one_layout(model)
+    else:
         model.to(device)
     model.eval()
     _name_base(model, _base_reference(str(ref), folder))

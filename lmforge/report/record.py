@@ -106,6 +106,11 @@ def run_record(command: str, method: str, meter: RunMeter, **fields) -> dict:
     record.update(schema=SCHEMA_VERSION, command=command, method=method, versions=versions(), hardware=hardware())
     record.update(meter.costs())
     record.update(fields)
+    train = fields["config"].get("train") if isinstance(fields.get("config"), dict) else None
+    if isinstance(train, dict):  # a training run: the engine and precision it resolved, not the config's "auto"
+        from lmforge.train.engines import engine_summary
+
+        record["engine"] = engine_summary(train)
     record["argv"] = sys.argv
     return record
 

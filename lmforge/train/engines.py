@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -149,11 +150,41 @@ def engine_summary(train: Mapping) -> dict:
     return {"engine": engine.name, "processes": engine.processes, "mixed_precision": precision}
 
 
-def make_accelerator(mixed_precision: str = "auto", **accelerator_kwargs):
+def check_run(cfg: Any) -> None:
+    """Refuse, before anything loads or is written, a training run whose engine, precision or quantised base
+    cannot run here. `cfg` is a training command's config (its `train`, and `method`/`lora` when it has them)."""
+    engine = launched_engine()
+    signal = getattr(getattr(cfg, "signal", None), "kind", None)
+    if signal in ("on_policy", "sequence"):
+        refuse_generation_under_sharding(f"signal.kind: {signal}", engine)
+    if getattr(getattr(cfg, "rationale", None), "enabled", False):
+        refuse_generation_under_sharding("rationale.enabled (the teacher writes rationales)", engine)
+    check_engine(engine)
+    resolve_mixed_precision(cfg.train.mixed_precision, _device_type(), _bf16_supported())
+    quantize = getattr(getattr(cfg, "lora", None), "quantize", None)
+    if quantize and hasattr(cfg, "teacher"):
+        raise UserError(f"lora.quantize: {quantize} is for finetune, dpo and tune; a distilled student trains in float")
+    if quantize and getattr(cfg, "method", "lora") != "lora":
+        raise UserError(f"lora.quantize: {quantize} needs method: lora (a quantised base cannot train whole)")
+    if quantize:
+        from lmforge.models.quantize import check_backend
+
+        check_backend(quantize, _device_type())
+
+
+def make_accelerator(
+    mixed_precision: str = "auto",
+    *,
+    batch_size: int | None = None,
+    max_grad_norm: float | None = None,
+    **accelerator_kwargs,
+):
     """The Accelerator for this launch and `train.mixed_precision`, after refusing what cannot run here.
 
     Args:
         mixed_precision: TrainConfig.mixed_precision (auto | no | bf16 | fp16).
+        batch_size, max_grad_norm: TrainConfig's, written into a DeepSpeed launch's config (DeepSpeed reads
+            its micro-batch size from a DataLoader, which the loop does not use, and clips by itself).
         accelerator_kwargs: passed on (gradient_accumulation_steps, ...).
     Returns:
         accelerate.Accelerator; its `mixed_precision` is the resolved precision.
@@ -170,7 +201,13 @@ def make_accelerator(mixed_precision: str = "auto", **accelerator_kwargs):
         # the first precision process-wide and refuses a second, so its state is rebuilt (the process group,
         # held by PartialState, is kept).
         AcceleratorState._reset_state()
-    return Accelerator(cpu=_device_type() == "cpu", mixed_precision=precision, **accelerator_kwargs)
+    accelerator = Accelerator(cpu=_device_type() == "cpu", mixed_precision=precision, **accelerator_kwargs)
+    if engine.name.startswith("zero"):
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if batch_size is not None:
+            ds_config["train_micro_batch_size_per_gpu"] = batch_size
+        ds_config["gradient_clipping"] = max_grad_norm or 0.0  # 0: DeepSpeed does not clip
+    return accelerator
 
 
 def refuse_generation_under_sharding(what: str, engine: Engine | None = None) -> None:
@@ -196,8 +233,7 @@ def prepare_frozen(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
     model.requires_grad_(False).eval()
     engine = launched_engine()
     if engine.name == "fsdp2":
-        mesh = accelerator.torch_device_mesh if accelerator is not None else None
-        return shard_model(model, mesh)
+        return shard_frozen(model, accelerator.torch_device_mesh if accelerator is not None else None)
     if engine.name == "zero3" and accelerator is not None:
         return _deepspeed_inference(model, accelerator)
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
@@ -205,10 +241,20 @@ def prepare_frozen(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks to shard one by one: modules whose class the model names in `_no_split_modules`
-    (transformers' own list: LlamaDecoderLayer, ...)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    """The repeated blocks to shard one by one: modules whose class a transformers model inside `model` names
+    in its `_no_split_modules` (LlamaDecoderLayer, ...); found through wrappers (PEFT, a loss module)."""
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
     return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_frozen(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
+    """`shard_model` for a model that only gives signals: the decoder layers (nearly all the weights) stay
+    sharded and are gathered one at a time as they run, while the root group (embeddings, final norm, head) is
+    gathered once and kept whole. The losses read the head's weight and call the decoder directly, outside the
+    root's forward, where FSDP would otherwise gather it; a frozen model never needs it resharded."""
+    shard_model(model, mesh)
+    model.unshard()
+    return model
 
 
 def shard_model(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
@@ -236,9 +282,10 @@ def _deepspeed_inference(model: torch.nn.Module, accelerator):
     config = copy.deepcopy(plugin.deepspeed_config)
     config.pop("optimizer", None)
     config.pop("scheduler", None)
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if config.get(key) == "auto":
-            config[key] = 1
+    # DeepSpeed checks train_batch_size = micro-batch x accumulation x processes even without training
+    config.update(
+        train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=accelerator.num_processes
+    )
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
