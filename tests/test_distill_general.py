@@ -285,3 +285,27 @@ def test_bad_general_settings_are_refused_when_read(teacher, tmp_path, override,
     with pytest.raises(UserError, match=message) as err:
         make_cfg(teacher, tmp_path / "bad", override)
     assert "\n" not in str(err.value)
+
+
+def test_the_layer_choice_weighs_task_and_general_text_equally(teacher):
+    from lmforge.distill import student as students
+
+    loaded = load_model(str(teacher))
+    collate = batch_collate(loaded.tokenizer.pad_token_id)
+    task = collate(
+        [
+            {"input_ids": ids, "labels": [-100] * 4 + ids[4:], "position_ids": list(range(len(ids)))}
+            for ids in (loaded.tokenizer(t)["input_ids"] for t in ["monday then tuesday", "one two three four"])
+        ]
+    )
+    text = collate(general.rows(ORDINARY, loaded.tokenizer, max_length=40))
+    vocab = loaded.model.config.vocab_size
+    _, both = students.measured_layers(loaded.model, [task, text], 2, vocab)
+    alone = [
+        {tuple(c["layers"]): c["kl"] for c in students.measured_layers(loaded.model, b, 2, vocab)[1]}
+        for b in (task, text)
+    ]
+    for candidate in both:
+        key = tuple(candidate["layers"])
+        assert candidate["kl"] == pytest.approx((alone[0][key] + alone[1][key]) / 2, rel=1e-5)
+    assert alone[0] != pytest.approx(alone[1])  # the two batches do disagree, so the mix matters

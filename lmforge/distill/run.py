@@ -242,8 +242,8 @@ def _build_student(
 ) -> tuple:
     """(student model, its tokenizer, shared vocabulary, random-init quality, description for run.json).
 
-    Width pruning scores its units on the task's calibration batch and, when the run mixes general text in,
-    on a batch of that text too (Minitron calibrates on its general pre-training data)."""
+    The measured layer rule and width pruning score on the task's calibration batch and, when the run mixes
+    general text in, on a batch of that text too (Minitron calibrates on its general pre-training data)."""
     teacher = teacher_loaded.model
     device = teacher.device
     if cfg.student is not None:
@@ -264,6 +264,7 @@ def _build_student(
         baseline = students.quality(random_init, teacher, calibration, vocab)
         del random_init
         return model, tokenizer, vocab, baseline, {"ref": cfg.student}
+    batches = [calibration, *([general_batch] if general_batch else [])]  # what layer and unit choices measure
     total = len(students.decoder_layers(teacher))
     keep = cfg.student_layers or (total if cfg.width.enabled else max(total // 2, 1))
     if keep > total or (keep == total and not cfg.width.enabled):
@@ -275,9 +276,7 @@ def _build_student(
     elif cfg.resume and chosen.is_file():
         layers = json.loads(chosen.read_text())["layers"]
     elif cfg.layer_rule == "measured":
-        layers, candidates = students.measured_layers(
-            teacher, calibration, keep, students.shared_vocab(teacher, teacher)
-        )
+        layers, candidates = students.measured_layers(teacher, batches, keep, students.shared_vocab(teacher, teacher))
         log.info(
             "measured layer rule: kept %s (KL %.3f; first_last %.3f, stride %.3f)",
             layers,
@@ -301,7 +300,7 @@ def _build_student(
     students.copy_teacher_weights(model, teacher, layers, importance)
     description = {"from_teacher_layers": layers, "rule": cfg.layer_rule, "intermediate": cfg.student_intermediate}
     if shape is not None:  # the random-init baseline is then one of the pruned shape
-        model = students.width_pruned(model, [calibration, *([general_batch] if general_batch else [])], shape)
+        model = students.width_pruned(model, batches, shape)
         baseline = students.quality(
             students.random_student(model.config, cfg.train.seed).to(device), teacher, calibration, vocab
         )

@@ -114,13 +114,15 @@ def quality(student, teacher, batch: dict, vocab: int) -> dict:
 
 
 @torch.no_grad()
-def measured_layers(teacher, batch: dict, keep: int, vocab: int) -> tuple[list[int], list[dict]]:
+def measured_layers(teacher, batch: dict | list[dict], keep: int, vocab: int) -> tuple[list[int], list[dict]]:
     """The kept layers whose dropped complement raises KL(teacher || student) least on `batch`.
 
     Candidates: every contiguous block of total - keep layers dropped, plus the stride and first_last picks.
-    Each is run as the teacher with its layer list swapped (no copy). Returns the pick and every candidate's
-    {"layers", "kl", "ce"}, best first.
+    Each is run as the teacher with its layer list swapped (no copy). Given several batches (the task's and
+    general text), a candidate's KL and CE are the means of the per-batch values, so each batch weighs the
+    same. Returns the pick and every candidate's {"layers", "kl", "ce"}, best first.
     """
+    batches = batch if isinstance(batch, list) else [batch]
     layers = decoder_layers(teacher)
     total = len(layers)
     drop = total - keep
@@ -128,23 +130,26 @@ def measured_layers(teacher, batch: dict, keep: int, vocab: int) -> tuple[list[i
     for rule in LAYER_RULES.values():
         if rule(total, keep) not in candidates:
             candidates.append(rule(total, keep))
-    t_rows, t_weight, t_bias, _ = completion_rows(teacher, batch, vocab)
+    references = [completion_rows(teacher, b, vocab)[:3] for b in batches]
     scores = []
     decoder = teacher.get_decoder()
     try:
         for kept in candidates:
             decoder.layers = torch.nn.ModuleList([layers[i] for i in kept])
-            rows, weight, bias, targets = completion_rows(teacher, batch, vocab)
-            _, stats = distill_loss(
-                rows,
-                weight,
-                DenseTeacher(t_rows, t_weight, t_bias),
-                targets,
-                [Objective("ce"), Objective("forward_kl")],
-                head_bias=bias,
-            )
-            n = max(stats["tokens"], 1)
-            scores.append({"layers": kept, "kl": stats["forward_kl"] / n, "ce": stats["ce"] / n})
+            kl = ce = 0.0
+            for b, (t_rows, t_weight, t_bias) in zip(batches, references, strict=True):
+                rows, weight, bias, targets = completion_rows(teacher, b, vocab)
+                _, stats = distill_loss(
+                    rows,
+                    weight,
+                    DenseTeacher(t_rows, t_weight, t_bias),
+                    targets,
+                    [Objective("ce"), Objective("forward_kl")],
+                    head_bias=bias,
+                )
+                n = max(stats["tokens"], 1)
+                kl, ce = kl + stats["forward_kl"] / n / len(batches), ce + stats["ce"] / n / len(batches)
+            scores.append({"layers": kept, "kl": kl, "ce": ce})
     finally:
         decoder.layers = layers
     scores.sort(key=lambda s: s["kl"])
