@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 import lmforge
 from lmforge.data.chat import IGNORE_INDEX
+from lmforge.errors import UserError
 from lmforge.models.tiny import make_tiny_llama
 from lmforge.train.loop import epoch_order
 
@@ -198,3 +199,11 @@ def test_accelerate_cpu_launch_of_one_process_is_refused(models, tmp_path):
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
     assert "started one" in errors[0] and "configs/accelerate/ddp_cpu.yaml" in errors[0]
     assert not out.exists() and not Path(f"{out}.work").exists()
+
+
+def test_tune_under_several_processes_is_refused(monkeypatch, tiny_llama, tmp_path):
+    """Every rank would draw its own trial from the shared study and train it in lockstep with the others'."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="lmforge tune runs its trials in one process, not 2"):
+        lmforge.tune(None, [f"model={tiny_llama}", f"output={tmp_path / 'out'}", "data.task=dates"])
+    assert not (tmp_path / "out").exists()

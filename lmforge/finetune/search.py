@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -307,6 +308,12 @@ def _row(t: optuna.trial.FrozenTrial) -> dict:
 
 def _check(cfg: TuneConfig) -> None:
     """One-line errors for settings a search cannot run with."""
+    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if processes > 1:  # each rank would draw its own trial from the shared study and train it with the others
+        raise UserError(
+            f"lmforge tune runs its trials in one process, not {processes}: run it without accelerate launch or "
+            "torchrun (finetune, dpo and distill take several processes)"
+        )
     if cfg.trials < 1:
         raise UserError(f"trials must be >= 1, got {cfg.trials}")
     if cfg.top_k_soup == 1 or cfg.top_k_soup < 0 or cfg.top_k_soup > cfg.trials:
