@@ -5,14 +5,13 @@ data/answers.py `corrupt`: right format, wrong value). Then LoRA SFT (`lmforge f
 each time) trains at equal steps on:
 - full: every noisy record;
 - verified: `lmforge data filter --verify TASK` (exact answers recomputed from the prompt);
-- verified_ifd_30: the verified records ranked by IFD (highest first, the paper's selection), cut to 30% of
-  the noisy set's records;
 - model_nll_30: no answer key, only the scoring model: the 30% of records whose answer it finds most likely
-  given the prompt (mean NLL per answer token), after the paper's IFD <= 1 rule.
+  given the prompt (mean NLL per answer token); the same pass tells how many wrong answers the paper's
+  IFD <= 1 rule alone would catch (not trained on).
 Each adapter is scored on the task's test split (exact match); the base model once. Acceptance: a filtered
 set reaches the full set's score with at most 30% of the records, or scores higher at equal steps.
 
-    /work/notes/heavy timeout 3600 .venv/bin/python bench/filter_noisy.py --task dates --records 400 --steps 30
+    /work/notes/heavy timeout 3600 .venv/bin/python bench/filter_noisy.py --records 400 --steps 30 --test-limit 100
 
 Figures go to bench/results/filter_noisy.json.
 """
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.3, help="share of records given a wrong answer")
     parser.add_argument("--steps", type=int, default=30, help="LoRA SFT steps of 8 records, the same for every set")
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--test-limit", type=int, default=200, help="test records scored per model")
+    parser.add_argument("--test-limit", type=int, default=100, help="test records scored per model")
     parser.add_argument("--only", nargs="+", default=None, help="run only these sets (full, verified, ...)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/filter_noisy"))
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "filter_noisy.json")
@@ -59,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     noisy, wrong = corrupt(clean, args.noise, seed=0)
     noisy_file = work / "noisy.jsonl"
     noisy_file.write_text("".join(json.dumps(r) + "\n" for r in noisy), encoding="utf-8")
-    cut = round(0.3 * args.records)
 
     def kept_indices(result) -> list[int]:
         dropped = {json.loads(line)["index"] for line in (result.output / "dropped.jsonl").read_text().splitlines()}
@@ -70,19 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     verified = filter_data(output=str(work / "verified"), verify=args.task, ifd_max=None, **common)
     sets["verified"] = {"file": verified.output / "kept.jsonl", "indices": kept_indices(verified)}
     sets["verified"]["filter_s"] = verified.seconds
-    share = min(1.0, cut / verified.kept)
-    top = filter_data(output=str(work / "verified_ifd_30"), verify=args.task, ifd_max=None, keep_fraction=share,
-                      keep_by="ifd_high", **common)  # fmt: skip
-    sets["verified_ifd_30"] = {"file": top.output / "kept.jsonl", "indices": kept_indices(top), "filter_s": top.seconds}
-    # A pre-pass with the IFD rule alone tells how many survive it, so the NLL ranking keeps 30% of all records.
-    ifd_only = filter_data(output=str(work / "ifd_rule"), ifd_max=1.0, **common)
-    model_share = min(1.0, cut / ifd_only.kept)
-    by_model = filter_data(output=str(work / "model_nll_30"), ifd_max=1.0, keep_fraction=model_share,
-                           keep_by="nll_low", **common)  # fmt: skip
+    # One scoring pass: the 30% of records whose answer the model finds most likely; scores.jsonl also gives
+    # every record's IFD, so the paper's IFD <= 1 rule is judged on the same pass without a second one.
+    by_model = filter_data(output=str(work / "model_nll_30"), ifd_max=None, keep_fraction=0.3, keep_by="nll_low",
+                           **common)  # fmt: skip
     sets["model_nll_30"] = {"file": by_model.output / "kept.jsonl", "indices": kept_indices(by_model)}
     sets["model_nll_30"]["filter_s"] = by_model.seconds
-    sets["ifd_rule_only"] = {"file": ifd_only.output / "kept.jsonl", "indices": kept_indices(ifd_only), "train": False}
-    sets["ifd_rule_only"]["filter_s"] = ifd_only.seconds
+    scores = [json.loads(line) for line in (by_model.output / "scores.jsonl").read_text().splitlines()]
+    ifd_rule = [row["index"] for row in scores if row["ifd"] <= 1.0]
+    sets["ifd_rule_only"] = {"file": None, "indices": ifd_rule, "train": False, "filter_s": by_model.seconds}
+    mean = {
+        name: {
+            key: sum(row[key] for row in scores if (row["index"] in wrong) == is_wrong) / max(1, count)
+            for key in ("nll", "ifd")
+        }
+        for name, is_wrong, count in (("right", False, args.records - len(wrong)), ("wrong", True, len(wrong)))
+    }
+    print("mean scores of right and wrong answers:", mean, file=sys.stderr, flush=True)
 
     def exact_match(model) -> float:
         results = evaluate(load_model(str(model)), [args.task], limit=args.test_limit, footprint=False)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = row
         print(name, row, file=sys.stderr, flush=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    record = {"settings": settings, "wrong_answers": len(wrong), "rows": rows}
+    record = {"settings": settings, "wrong_answers": len(wrong), "mean_scores": mean, "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"| set | records | wrong answers kept | exact match ({args.test_limit} test records) |")

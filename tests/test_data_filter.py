@@ -113,6 +113,9 @@ def test_score_rules_drop_by_nll_and_ifd_bounds_and_keep_the_ranked_share(loaded
     assert set(range(len(rows))) - set(reasons(third.output)) == set(top)
     dropped = [json.loads(line) for line in (third.output / "dropped.jsonl").read_text().splitlines()]
     assert all(row["ifd"] == pytest.approx(ifd[row["index"]], rel=1e-5) for row in dropped)
+    scored = [json.loads(line) for line in (third.output / "scores.jsonl").read_text().splitlines()]
+    assert [row["nll"] for row in scored] == pytest.approx(nll, rel=1e-5)
+    assert {row["index"] for row in scored if row["reason"] == "kept"} == set(top)
 
 
 def test_a_filter_that_keeps_nothing_is_one_error_and_writes_nothing(tiny_llama, tmp_path):

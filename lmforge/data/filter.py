@@ -14,7 +14,8 @@ Rules, cheapest first; a record is dropped by the first rule it fails, and that 
 - `not_selected`: with `keep_fraction`, the survivors outside that share when ranked by `keep_by` (the
   paper keeps the highest IFD).
 Writes OUTPUT/kept.jsonl ({prompt, completion}, in input order), OUTPUT/dropped.jsonl (each dropped record
-with its reason and scores), OUTPUT/reasons.csv (the table of reasons) and OUTPUT/filter.json, staged and
+with its reason and scores), OUTPUT/scores.jsonl (index, reason or "kept", NLL and IFD of every scored record),
+OUTPUT/reasons.csv (the table of reasons) and OUTPUT/filter.json, staged and
 renamed into place; a filter that would keep nothing writes nothing and says which rule emptied it.
 """
 
@@ -179,6 +180,8 @@ def filter_data(
             if reason is not None
         ]
         _write_jsonl(staging / "dropped.jsonl", dropped)
+        scored = [{"index": i, "reason": reasons[i] or "kept", **scores[i]} for i in range(len(records)) if scores[i]]
+        _write_jsonl(staging / "scores.jsonl", scored)
         (staging / "reasons.csv").write_text(reasons_csv(counts, len(records)), encoding="utf-8")
         seconds = time.perf_counter() - started
         summary = {
