@@ -11,6 +11,7 @@ ids each rank trained on), then OUT/refusal-rank<r>.txt: optimizer_in_backward's
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,9 +30,14 @@ from lmforge.finetune.lora import LoraSettings, attach_lora
 from lmforge.models.load import load_model
 from lmforge.train.chunked import causal_lm_loss
 from lmforge.train.loop import TrainConfig, train
-from lmforge.train.ranks import rank
 
 SFT_ROWS = 24
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 # (batch_size, grad_accum, micro_batch_tokens) for 2 processes and for 1: the same rows per optimiser step
 SETTINGS = {
     "sft": {2: (2, 2, 40), 1: (8, 1, 0)},  # one process: one big batch, no split
