@@ -320,7 +320,9 @@ def train(
     # Buffers (rotary tables) are the same on every process: no broadcast at each forward, which would also
     # be a collective that ranks with different micro-batch counts call a different number of times.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    accelerator = make_accelerator(cfg.mixed_precision, kwargs_handlers=[ddp])  # refuses what cannot run here
+    accelerator = make_accelerator(  # refuses what cannot run here; DeepSpeed reads the batch size and clipping
+        cfg.mixed_precision, batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm, kwargs_handlers=[ddp]
+    )
     world = accelerator.num_processes
     torch.manual_seed(cfg.seed)
     if cfg.optimizer_in_backward and world != 1:
