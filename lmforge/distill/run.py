@@ -46,6 +46,7 @@ from lmforge.outputs import CardTable, model_card, save_model, staged_output, wr
 from lmforge.report.record import RunMeter, run_record
 from lmforge.train.allocator import return_freed_memory_to_os
 from lmforge.train.chunked import on_model_device
+from lmforge.train.engines import make_accelerator, prepare_frozen
 from lmforge.train.loop import TrainConfig, restore_best, tokens_seen, train
 from lmforge.train.progress import print_progress
 from lmforge.train.validation import validation
@@ -393,6 +394,11 @@ def _distill(cfg: DistillConfig, meter: RunMeter, output: Path, work: Path, gene
         teacher_loaded.model = teacher = None  # training runs without the teacher in memory
         gc.collect()
 
+    if teacher is not None:  # sharded under FSDP2 with several processes, whole otherwise (engines.prepare_frozen)
+        accelerator = make_accelerator(
+            cfg.train.mixed_precision, batch_size=cfg.train.batch_size, max_grad_norm=cfg.train.max_grad_norm
+        )
+        teacher = prepare_frozen(teacher, accelerator)
     torch.manual_seed(cfg.train.seed)
     model = attach_lora(student, cfg.lora) if cfg.method == "lora" else student.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

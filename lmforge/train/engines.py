@@ -14,8 +14,8 @@ master copies in the optimiser.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from lmforge.errors import UserError
+
+log = logging.getLogger("lmforge")
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SHIPPED_CONFIGS = Path("configs/accelerate")
@@ -223,21 +225,23 @@ def refuse_generation_under_sharding(what: str, engine: Engine | None = None) ->
         )
 
 
-def prepare_frozen(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
+def prepare_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     """A frozen model (DPO reference, distillation teacher) made ready for the engine in use, in eval mode.
 
-    FSDP2: its decoder layers and then the whole model are `fully_shard`ed on the training mesh, so each rank
-    holds a slice and gathers one layer at a time; ZeRO-3: a DeepSpeed inference engine over the same stage-3
-    partitioning; DDP and one process: the model itself on the device (a frozen model needs no wrapper).
+    FSDP2 with several processes: `shard_frozen` on the training mesh (each rank holds a slice of each decoder
+    layer). DDP, one process and ZeRO: the model itself on the device, whole on every rank. Under ZeRO-3 a
+    frozen model is not partitioned: the chunked losses read the head's weight and call the decoder outside
+    the model's forward, and stage 3 releases a module's gathered weights after each submodule's forward, so
+    the head would be read as its empty partition (FSDP2 can keep its root group gathered; DeepSpeed's hooks
+    offer no such hold). A teacher too big to sit whole beside the student uses the cached top-k signal.
     """
     model.requires_grad_(False).eval()
     engine = launched_engine()
-    if engine.name == "fsdp2":
-        return shard_frozen(model, accelerator.torch_device_mesh if accelerator is not None else None)
-    if engine.name == "zero3" and accelerator is not None:
-        return _deepspeed_inference(model, accelerator)
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    return model.to(device)
+    if engine.name == "fsdp2" and engine.processes > 1:
+        return shard_frozen(model, accelerator.torch_device_mesh)
+    if engine.name == "zero3":
+        log.info("ZeRO-3: the frozen model stays whole on each process (signal.kind: cached keeps it out of memory)")
+    return model.to(accelerator.device)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -271,21 +275,3 @@ def shard_model(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def _deepspeed_inference(model: torch.nn.Module, accelerator):
-    """The training run's DeepSpeed config for a frozen model: stage 3 partitioning kept, no optimiser
-    (as TRL prepares its reference and teacher models)."""
-    import deepspeed
-
-    plugin = accelerator.state.deepspeed_plugin
-    config = copy.deepcopy(plugin.deepspeed_config)
-    config.pop("optimizer", None)
-    config.pop("scheduler", None)
-    # DeepSpeed checks train_batch_size = micro-batch x accumulation x processes even without training
-    config.update(
-        train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=accelerator.num_processes
-    )
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
