@@ -97,7 +97,7 @@ def keep_one_layout(model: torch.nn.Module) -> torch.nn.Module:
 
     On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight the first time the layer runs in eval
     mode without gradients (lmforge scores the base before training), and from then on the layer computes
-    other numbers in training too (0.06-0.1 apart in a tiny model's logits) through a kernel with no backward,
+    other numbers in training too (0.06-0.12 apart in a tiny model's logits) through a kernel with no backward,
     and dequantises wrongly. Kept off, scoring, training and the merge all see the weights the adapter trains
     against.
     """
