@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -84,6 +85,8 @@ def loading_arguments(kind: str, device: str) -> dict:
         )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
+    if device == "cuda":  # each process of a multi-GPU launch on its own GPU: a quantised model cannot move later
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return {"quantization_config": config, "device_map": {"": device}}
 
 
