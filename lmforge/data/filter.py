@@ -159,11 +159,8 @@ def filter_data(
     _cheap_rules(cfg, loaded.tokenizer, records, reasons)
     if cfg.scores:
         alive = [i for i, reason in enumerate(reasons) if reason is None]
-        for index, (conditioned, alone) in zip(
-            alive,
-            answer_losses(loaded.model, loaded.tokenizer, [records[i] for i in alive], cfg.batch_size),
-            strict=True,
-        ):
+        losses = answer_losses(loaded.model, loaded.tokenizer, [records[i] for i in alive], cfg.batch_size)
+        for index, (conditioned, alone) in zip(alive, losses, strict=True):
             scores[index] = {"nll": conditioned, "nll_alone": alone, "ifd": conditioned / alone}
             reasons[index] = _score_rule(cfg, scores[index])
         _select(cfg, reasons, scores)
