@@ -15,6 +15,7 @@ master copies in the optimiser.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -93,8 +94,6 @@ def _zero_stage(env: Mapping[str, str]) -> int:
         return int(stage)
     config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if config_file and Path(config_file).is_file():
-        import json
-
         return int(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", 0))
     return 2  # Accelerate's own default
 
