@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from lmforge.errors import UserError
+from lmforge.eval import scoring
 from lmforge.models.load import LoadedModel, load_model
 
 FUSIONS = ("ensemble", "product", "dexperts", "contrastive")
@@ -101,8 +102,10 @@ def combine(fusion: Fusion, logits: Sequence[torch.Tensor]) -> torch.Tensor:
 class FusedModel(torch.nn.Module):
     """Members sharing a tokenizer, as one model to the harness: `forward(...).logits` are fused log-probs.
 
-    `config.fused` names the rule (scoring reads it: the logits are not an output projection of one decoder);
-    `max_position_embeddings` is the shortest member's context.
+    Scoring projects final hidden states only where it scores (eval/scoring.py); here the "decoder" gives every
+    member's states side by side and the "output embedding" turns a slice of them into fused log-probs, so a
+    fused model never holds (batch x sequence x vocabulary) logits per member either. `config.fused` names the
+    rule; `max_position_embeddings` is the shortest member's context.
     """
 
     def __init__(
@@ -123,6 +126,32 @@ class FusedModel(torch.nn.Module):
             for m in self.members
         ]
         return SimpleNamespace(logits=combine(self.fusion, [x[..., : self.vocab] for x in logits]))
+
+    def get_decoder(self):
+        """For scoring: a callable giving every member's final hidden states, concatenated on the last axis."""
+
+        def states(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+            parts = [scoring.final_hidden_states(m, input_ids, attention_mask)[0] for m in self.members]
+            return SimpleNamespace(last_hidden_state=torch.cat(parts, dim=-1))
+
+        return states
+
+    def get_output_embeddings(self):
+        """For scoring: (..., concatenated states) -> fused log-probs (..., vocab), member by member."""
+        widths, heads = [], []
+        for m in self.members:
+            if any(getattr(m.config, name, None) for name in scoring.LOGIT_TRANSFORMS):  # its states are logits
+                widths.append(m.config.vocab_size)
+                heads.append(lambda x: x)
+            else:
+                widths.append(m.get_output_embeddings().weight.shape[1])
+                heads.append(m.get_output_embeddings())
+
+        def head(states: torch.Tensor) -> torch.Tensor:
+            parts = states.split(widths, dim=-1)
+            return combine(self.fusion, [h(part)[..., : self.vocab] for h, part in zip(heads, parts, strict=True)])
+
+        return head
 
     @torch.no_grad()
     def generate(

@@ -66,8 +66,8 @@ def _score_windows(model, windows: list[tuple[list[int], list[int]]], pad_id: in
     return results
 
 
-# Configs whose logits are more than the output projection of the final hidden state (`fused`: eval/fusion.py).
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "fused")
+# Configs whose logits are more than the output projection of the final hidden state.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def final_hidden_states(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
