@@ -157,4 +157,5 @@ def test_demo_without_a_kind_drops_its_steps_and_their_report_rows():
         "${steps.eval_expert_extraction.output}",
         "${steps.eval_moe.output}",  # the mixture of experts is its own kind (moe)
         "${steps.eval_ensemble.output}",  # the experts fused at generation: an eval step, no merge
+        "${steps.eval_edit_profs.output}",  # the edit of the base model needs no merge either
     ]
