@@ -5,7 +5,8 @@ runs each case with 2 processes' settings; the test calls `run_case` in its own 
 reference over the same global batch. Rows differ in length, so the ranks hold different token counts, and
 the two-process SFT splits micro-batches by a token budget, so the ranks run different micro-batch counts.
 Writes OUT/<case>/history.json and weights.safetensors (rank 0) and OUT/<case>/rows-rank<r>.json (the row
-ids each rank trained on), then OUT/refusal-rank<r>.txt: optimizer_in_backward's line under 2 processes.
+ids each rank trained on), OUT/refusal-rank<r>.txt (optimizer_in_backward's line under 2 processes) and
+OUT/export (a model saved by every rank through the runners' staged output: rank 0 alone may write it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from lmforge.finetune.dpo import add_reference_logprobs, collate_pairs, tokenize
 from lmforge.finetune.dpo import make_loss_fn as dpo_loss_fn
 from lmforge.finetune.lora import LoraSettings, attach_lora
 from lmforge.models.load import load_model
+from lmforge.outputs import save_model, staged_output
 from lmforge.train.chunked import causal_lm_loss
 from lmforge.train.loop import TrainConfig, train
 
@@ -129,12 +132,24 @@ def refusal(out: Path) -> None:
     (out / f"refusal-rank{rank()}.txt").write_text(message)
 
 
+def export(models: Path, out: Path) -> None:
+    """Every rank saves a model through the runners' staged output; rank 1 arrives a second late, so a rank
+    that wrote the output too would leave its file last."""
+    if rank() == 1:
+        time.sleep(1.0)
+    loaded = load_model(models / "tiny", device="cpu")
+    with staged_output(out / "export", overwrite=True) as staging:
+        save_model(staging, loaded.model, loaded.tokenizer)
+        (staging / f"written-by-rank{rank()}").write_text("")
+
+
 def main() -> None:
     models, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     for case in SETTINGS:
         run_case(case, models, out, processes=2)
     refusal(out)
+    export(models, out)
     if torch.distributed.is_initialized():  # a gloo process that exits with its group alive may abort
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -115,6 +115,15 @@ def test_optimizer_in_backward_is_refused_under_two_processes(runs):
     assert not (runs[2] / "refused-work").exists()
 
 
+def test_export_is_written_by_rank_0_alone(runs, models):
+    export = runs[2] / "export"
+    assert sorted(p.name for p in export.glob("written-by-rank*")) == ["written-by-rank0"]
+    assert (export / "model.safetensors").is_file() and not list(runs[2].glob(".export.partial*"))
+    assert not list((runs[2] / "scratch").glob("lmforge-rank*"))  # rank 1's throwaway folder is gone
+    saved, initial = load_file(export / "model.safetensors"), load_file(models / "tiny" / "model.safetensors")
+    assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in initial)
+
+
 def finetune_overrides(model: Path, out: Path, steps: int, accumulation: int) -> list[str]:
     return [
         f"model={model}",
@@ -135,7 +144,7 @@ def test_readme_command_killed_then_resumed_equals_one_process(models, tmp_path)
     """`accelerate launch --config_file configs/accelerate/ddp_cpu.yaml -m lmforge finetune ...`, SIGKILLed after
     a checkpoint, then run again with --resume: the loss curve and the adapter of one process with the
     accumulation doubled; every rank exits 0, rank 0 alone writes the output."""
-    out, steps = tmp_path / "two", 40
+    out, steps = tmp_path / "two", 16
     args = ["finetune", *finetune_overrides(models / "tiny", out, steps, accumulation=2)]
     env = environment(tmp_path)
     killed = subprocess.Popen(
