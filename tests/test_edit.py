@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
+from cli_helpers import run_cli
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -209,6 +210,18 @@ def test_bad_inputs_are_one_line_and_write_nothing(tiny_llama, tmp_path, mistake
         run_edit(EditConfig(**settings))
     assert expected in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("mistake", [["--layers", "9"], ["--k", "5"], ["--data", "missing.jsonl"]])
+def test_cli_mistakes_print_one_line_without_a_traceback(tiny_llama, tmp_path, monkeypatch, capsys, mistake):
+    pairs = _write(tmp_path / "pairs.jsonl", _pairs(4))
+    out = tmp_path / "edited"
+    flags = ["--data", pairs, "--out", str(out), "--model", str(tiny_llama), *mistake]
+    code, _, err = run_cli(monkeypatch, capsys, "edit", *flags)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert mistake[-1] in lines[0]  # names the layer, the k or the file
+    assert not out.exists()
 
 
 def test_builtin_pairs_are_flagged_only_on_the_unwanted_side():
