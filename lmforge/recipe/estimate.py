@@ -31,6 +31,7 @@ from lmforge.recipe.schema import merge_models
 TRAIN_FLOPS = 1.2e11
 SCORE_FLOPS = 5e10
 GEN_S_PER_RECORD = 0.64
+SAMPLE_S_PER_TOKEN = 0.005  # a distillation teacher's general-text samples, batch 8 (issue 17's acceptance run)
 FOOTPRINT_S = 12.0
 REF_PARAMS = 134.5e6
 IO_BYTES_PER_S = 150e6
@@ -206,11 +207,29 @@ def distill(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
     evals = config.get("eval") or {}
     scored = min(int(evals.get("limit", 50)), TASK_RECORDS) if (evals.get("task") or data.get("task")) else 0
     checks = _scoring_seconds(teacher, scored, False, None) + _scoring_seconds(student, scored, False, None)
+    general_s, general_basis = _general_text(config.get("general") or {}, rows, teacher, student)
     return Estimate(
-        START_S + seconds + teacher_s + checks + footprints,
+        START_S + seconds + teacher_s + checks + footprints + general_s,
         peak + _weights(teacher),
-        f"{basis}; teacher forward on every row",
+        f"{basis}; teacher forward on every row{general_basis}",
         student,
+    )
+
+
+def _general_text(general: Mapping[str, Any], rows: int, teacher, student) -> tuple[float, str]:
+    """Seconds for distillation's general-text mix (default on: one row per task row) and the teacher's
+    samples it is made of when no file is given."""
+    ratio = float(general.get("ratio", 1.0))
+    if not ratio:
+        return 0.0, ""
+    new_tokens = int(general.get("max_new_tokens", 128))
+    tokens = min(int(general.get("max_length", 128)), new_tokens + 8)  # an opening and the teacher's text
+    params = 6 * (student.params if student else REF_PARAMS) + 2 * (teacher.params if teacher else REF_PARAMS)
+    seconds = rows * ratio * tokens * params / TRAIN_FLOPS
+    samples = 0 if general.get("file") else int(general.get("samples", 64))
+    seconds += samples * new_tokens * SAMPLE_S_PER_TOKEN * _scale(teacher)
+    return seconds, f"; {ratio:g} general row of ~{tokens} tokens per task row" + (
+        f", {samples} teacher samples" if samples else ""
     )
 
 
