@@ -9,6 +9,7 @@ Ctrl-C, alembic's "Context impl SQLiteImpl." from Optuna's study file).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 OWN = "lmforge"
@@ -29,4 +30,7 @@ def configure() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    logging.getLogger(OWN).setLevel(logging.INFO)
+    # Under accelerate launch / torchrun every rank runs the command: rank 0 tells the story, the others
+    # print only warnings and errors (otherwise each line would appear once per process).
+    other_rank = os.environ.get("RANK", "0") not in ("", "0")
+    logging.getLogger(OWN).setLevel(logging.WARNING if other_rank else logging.INFO)
