@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--task-limit", type=int, default=100)
     parser.add_argument("--shots", type=int, default=3)
     parser.add_argument("--finalists", type=int, default=1, help="settings that get the task score")
-    parser.add_argument("--grid-minutes", type=float, default=25, help="stop trying grid settings after this")
+    parser.add_argument("--grid-minutes", type=float, default=14, help="no new grid setting after this (from start)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "profs_settings.json")
     args = parser.parse_args()
     stop_grid = time.perf_counter() + 60 * args.grid_minutes  # a shared machine: keep time for the finalists
