@@ -83,7 +83,8 @@ json.dump({
 
 
 def run(name: str, command: list[str], work: Path, timeout: float, env: dict | None = None) -> dict:
-    """Run one step; its output goes to OUT/<name>.log. Returns {status, wall_s, refusal (lmforge's line)}."""
+    """Run one step; its output goes to WORK/<name>.log (the end of it into the result when the step fails:
+    engines.json is all that needs to come back from a GPU machine). Returns {status, wall_s, refusal}."""
     start = time.perf_counter()
     log = work / f"{name}.log"
     try:
@@ -97,6 +98,8 @@ def run(name: str, command: list[str], work: Path, timeout: float, env: dict | N
     result = {"status": status, "wall_s": round(time.perf_counter() - start, 1), "command": " ".join(command)}
     if refusals:
         result["refusal"] = refusals[0]
+    if status != 0:
+        result["log_tail"] = text[-2500:]
     print(f"step {name}: status {status}, {result['wall_s']} s" + (f" ({refusals[0]})" if refusals else ""))
     return result
 
@@ -156,6 +159,7 @@ def main() -> int:
 
     smoke = args.cpu_smoke
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     work = args.work
     steps, timeout = (3, 240) if smoke else (20, 300)
     shape = (
@@ -168,7 +172,7 @@ def main() -> int:
     lm = [PY, "-m", "lmforge"]
     results: dict = {"cpu_smoke": smoke, "steps": steps, "model_shape": shape}
     results["export"] = run("export", [*lm, "data", "export", "dates", "--split", "train", "--out", str(records)],
-                            args.out, timeout)  # fmt: skip
+                            work, timeout)  # fmt: skip
     rows = records.read_text().splitlines()[: 8 * steps]
     records.write_text("\n".join(rows) + "\n")
     common = ["--model", str(model), "--data", str(records), "--steps", str(steps), "--lr", "1e-4", *LORA]
@@ -190,7 +194,7 @@ def main() -> int:
     runs["zero3_distill"] = [*launch, str(configs / "zero3.yaml"), "-m", "lmforge", "distill", *distill]
     for name, command in runs.items():
         folder = work / name
-        results[name] = run(name, [*command, "--out", str(folder)], args.out, timeout)
+        results[name] = run(name, [*command, "--out", str(folder)], work, timeout)
         results[name] |= lmforge_metrics(folder)
     results["fsdp2_lora"]["logit_gap_vs_lora_fp32"] = logit_gap(work / "lora_fp32", work / "fsdp2_lora")
     results["bf16_vs_fp32_curve_gap"] = curve_gap(results["lora_fp32"], results["lora_bf16"])
@@ -207,7 +211,7 @@ def main() -> int:
     try:
         import trl  # noqa: F401
 
-        results["trl_sft"] = run("trl_sft", [PY, str(work / "trl_sft.py"), str(work / "trl_spec.json")], args.out,
+        results["trl_sft"] = run("trl_sft", [PY, str(work / "trl_sft.py"), str(work / "trl_spec.json")], work,
                                  timeout, env=dict(os.environ, ACCELERATE_MIXED_PRECISION="no"))  # fmt: skip
         if (work / "trl.json").is_file():
             results["trl_sft"] |= json.loads((work / "trl.json").read_text())

@@ -46,9 +46,9 @@ if [ "$MODE" = --cpu-smoke ]; then
 fi
 if [ "$MODE" = --engines ] || [ "$MODE" = all ]; then  # the wheels brought along, installed without network
     SITE=/tmp/lmforge-site
+    export PYTHONPATH=$PYTHONPATH:$SITE
     if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || exit 1
-        export PYTHONPATH=$PYTHONPATH:$SITE
     fi
     if ls "$WHEELS"/deepspeed-*.tar.gz >/dev/null 2>&1; then  # a pure-Python build, its CUDA ops compiled when used
         DS_BUILD_OPS=0 $PY -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" \
