@@ -25,6 +25,9 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model  # a submodule: its parameters are this module's, as a wrapper must see them
         self.loss_fn = loss_fn
+        # Accelerate's FSDP2 wraps the decoder layers this list names (LlamaDecoderLayer, ...) one by one, reading
+        # it from the module it prepares; without it the whole model would be one shard group
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         return self.loss_fn(self.model, batch)
