@@ -12,12 +12,12 @@
 set -uo pipefail
 OUT=${OUT:-multigpu-smoke}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$GPUS" -lt 2 ]; then echo "multigpu_smoke needs 2 or more GPUs; this machine has $GPUS"; exit 2; fi
+mkdir -p "$OUT"
 
 M=$WORK/model
 $PY -c "from lmforge.models.tiny import make_tiny_llama as m; m('$M', hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688, seed=0, tie_embeddings=True)"
