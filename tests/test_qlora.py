@@ -74,6 +74,20 @@ def test_int8_trains_and_merges_into_float_weights(monkeypatch, capsys, base, tm
     assert weight.dtype == torch.float32 and not torch.equal(weight, before)
 
 
+def test_dpo_trains_an_adapter_on_an_nf4_base(monkeypatch, capsys, base, tmp_path):
+    """The DPO reference (the adapter disabled) is the nf4 base itself: nothing else to load."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Say a word {i}", "chosen": "yes indeed", "rejected": "no way"} for i in range(12)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "dpo"
+    args = ["dpo", "--model", str(base), "--data", str(pairs), "--out", str(out), "--steps", "3", "eval.probe=false"]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "lora.quantize=nf4", "train.lr=1e-2")
+    assert code == 0, err
+    assert json.loads((out / "run.json").read_text())["config"]["lora"]["quantize"] == "nf4"
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items()), "nothing trained"
+
+
 def _one_line(code: int, err: str) -> str:
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
