@@ -3,7 +3,8 @@
 The recipes are data (recipes/demo.yaml, recipes/demo_quick.yaml), run by the ordinary recipe runner: two LoRA
 experts on two built-in tasks, merges of the two (linear, task_arithmetic, ties, dare_ties, slerp and a greedy
 soup), a mixture of experts of the two (`lmforge moe`), their ensemble (`eval --fuse`), the best merge
-distilled into a smaller student, every model scored on both tasks, the probe and its footprint, and the
+distilled into a smaller student (on task and general text: issue 17), every model scored on both tasks, the
+probe and its footprint, and the
 comparison report. A step whose kind is not in this install (an optional command not built yet) is left out
 with a note, together with the steps that need its output; a report (compare step) only loses the run folders
 that cite it.
