@@ -89,7 +89,8 @@ class GeneralSettings:
     """General text mixed into distillation: its share, objectives, weight and source."""
 
     ratio: float = 1.0
-    """General rows per task row in every step (1: one general row per task row, as MiniLLM; 0: task only)."""
+    """General rows per task row in every step (1: one general row per task row, as MiniLLM; 0: task only),
+    taken as the nearest fraction G/T with T <= 8 (a unit of T task rows and G general rows)."""
     objectives: list[Objective] = field(default_factory=lambda: [Objective("forward_kl")])
     """The general rows' loss terms (default forward KL on logits, as Minitron)."""
     weight: float = 1.0

@@ -222,7 +222,11 @@ def _general_rows(cfg, teacher_loaded: LoadedModel, texts: list[str] | None, wor
         return []
     if texts is None:
         key = signals.fingerprint(
-            signals.teacher_key(teacher_loaded.folder), general.PROMPTS, settings.samples, settings.max_new_tokens
+            signals.teacher_key(teacher_loaded.folder),
+            general.PROMPTS,
+            settings.samples,
+            settings.max_new_tokens,
+            cfg.train.seed,
         )
         samples = general.teacher_samples(
             teacher_loaded.model,
