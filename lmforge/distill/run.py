@@ -1,13 +1,15 @@
 """`lmforge distill`: a smaller student learns from a teacher, through the one training loop.
 
 Reads top to bottom: check the objectives, read the data (a file, or a built-in task's train split) and split
-off validation, load the teacher (bf16 on GPU), prepare the signal (dataset completions; teacher-written
-targets; step-by-step rationales), build the student (layers picked from the teacher by a rule, or a given
-model sharing the tokenizer), print the init-quality line (student vs random init vs teacher on a held-out
-batch), score the teacher, optionally cache its top-k signal and let it go, train with the chunked
-distillation loss (on-policy batches are sampled in `collate`), keep the best validation checkpoint, and write
-a full model folder with lmforge.yaml, run.json (teacher and student side by side: scores, retention, size and
-speed ratios), log.jsonl and a model card. Interrupted runs resume from `<output>.work/` with `resume: true`.
+off validation, load and score the teacher (bf16 on GPU), make the general text mixed into every step
+(distill/general.py: the teacher's samples or a file; optionally correct the teacher on it), prepare the
+signal (dataset completions; teacher-written targets; step-by-step rationales), build the student (layers
+picked from the teacher by a rule, or a given model sharing the tokenizer), print the init-quality line
+(student vs random init vs teacher on a held-out batch), optionally cache the teacher's top-k signal and let
+it go, train with the chunked distillation loss (on-policy batches are sampled in `collate`; task and general
+rows in units at the mix ratio), keep the best validation checkpoint, and write a full model folder with
+lmforge.yaml, run.json (teacher and student side by side: scores, retention, size and speed ratios),
+log.jsonl and a model card. Interrupted runs resume from `<output>.work/` with `resume: true`.
 """
 
 from __future__ import annotations
