@@ -270,7 +270,7 @@ def test_a_bad_general_file_is_one_line_and_writes_nothing(
     out = tmp_path / "student"
     code, _, err = run_cli(
         monkeypatch, capsys, "distill", "--teacher", str(teacher), "--task", "dates", "--out", str(out),
-        "--student-layers", "2", f"general.file={path}",
+        "--student-layers", "2", "--general-file", str(path),
     )  # fmt: skip
     assert code == 2 and err.strip().startswith("lmforge: error: ") and message in err, err
     assert str(path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -28,6 +28,13 @@ def distill_command(
     columns: Annotated[
         str | None, typer.Option(help="map your keys, e.g. prompt=question,completion=answer (data.columns)")
     ] = None,
+    general_ratio: Annotated[
+        float | None, typer.Option("--general-ratio", help="general rows per task row (default 1; 0: task only)")
+    ] = None,
+    general_file: Annotated[
+        str | None,
+        typer.Option("--general-file", help="general text (.jsonl with text, or .txt); default: teacher samples"),
+    ] = None,
     out: Annotated[str | None, typer.Option(help="output model folder")] = None,
     steps: Annotated[int | None, typer.Option(help="optimiser steps")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
@@ -45,6 +52,8 @@ def distill_command(
         "--task": ("data.task", task),
         "--data": ("data.path", data),
         "--columns": ("data.columns", parse_columns(columns)),
+        "--general-ratio": ("general.ratio", general_ratio),
+        "--general-file": ("general.file", general_file),
         "--out": ("output", out),
         "--steps": ("train.max_steps", steps),
         "--lr": ("train.lr", lr),
