@@ -278,7 +278,7 @@ def edit(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
     evals = config.get("eval") or {}
     sides = 2 * pairs + 2 * min(pairs, 16)  # embeddings (margin before included), margin after (lmforge.edit.run)
     params = facts.params if facts else REF_PARAMS
-    seconds = START_S + sides * 120 * 2 * params / SCORE_FLOPS  # ~120 tokens a side with the chat template
+    seconds = START_S + sides * 60 * 2 * params / SCORE_FLOPS  # ~60 tokens a rendered side (59,741 for 1,000)
     scored = min(int(evals.get("limit", 50)), TASK_RECORDS) if evals.get("task") else 0
     seconds += 2 * _scoring_seconds(facts, scored, evals.get("probe", True), None)
     return Estimate(seconds, RUNTIME_BYTES + _weights(facts) * 1.9, f"{sides} pair sides scored", facts)
