@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from lmforge.data.chat import render_example
 from lmforge.data.packing import collate
+from lmforge.distill import general
 from lmforge.distill.objectives import Objective
 from lmforge.distill.run import Guards
 from lmforge.distill.run import make_loss_fn as distill_loss_fn
@@ -105,10 +106,15 @@ def run_case(case: str, models: Path, out: Path, processes: int) -> None:
         teacher = load_model(models / "tiny_tied", device="cpu").model.requires_grad_(False).eval()
         rows = [{k: v for k, v in r.items() if k != "row"} for r in sft_rows(tokenizer)]
         vocab = model.get_output_embeddings().weight.shape[0]
-        loss_fn = distill_loss_fn(teacher, None, [Objective("forward_kl")], vocab, 16, Guards())
+        task_loss = distill_loss_fn(teacher, None, [Objective("forward_kl")], vocab, 16, Guards())
+        general_loss = distill_loss_fn(teacher, None, [Objective("reverse_kl")], vocab, 16, Guards())
+        # the general-text mix, on by default: general rows of other lengths than the task's on every rank
+        texts = [" ".join(["the cat sat on the mat"] * (1 + i % 4)) for i in range(7)]
+        rows = general.units(rows, general.rows(texts, tokenizer, max_length=20), ratio=1.0)
+        loss_fn = general.mixed_loss(task_loss, general_loss, 0.5, general.token_ratio(rows))
 
         def batch_of(chunk: list[dict]) -> dict:
-            return collate(chunk, pad)
+            return general.mixed_collate(lambda r: collate(r, pad), lambda r: collate(r, pad))(chunk)
 
     folder = out / case
     folder.mkdir(parents=True, exist_ok=True)

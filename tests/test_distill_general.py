@@ -204,13 +204,15 @@ def test_the_general_objective_and_weight_make_the_loss(teacher, tmp_path):
         make_loss_fn(loaded_teacher.model, None, [Objective("forward_kl")], vocab, 16, Guards()),
         make_loss_fn(loaded_teacher.model, None, [Objective("reverse_kl")], vocab, 16, Guards()),
         weight,
+        general.token_ratio(units),
     )
     loss, metrics = loss_fn(student, batch)
     loss = loss.detach()
     task_sum, task_tokens = naive_sum(student, loaded_teacher.model, batch, "forward_kl")
     general_sum, general_tokens = naive_sum(student, loaded_teacher.model, batch["general"], "reverse_kl")
-    # the loop divides by the task tokens: task mean + weight x general mean
+    # the loop divides by the task tokens: task mean + weight x general mean (this batch is the whole mix)
     assert metrics["tokens"] == task_tokens
+    assert general.token_ratio(units) == task_tokens / general_tokens
     assert float(loss) / task_tokens == pytest.approx(
         task_sum / task_tokens + weight * general_sum / general_tokens, rel=1e-4
     )
@@ -219,6 +221,7 @@ def test_the_general_objective_and_weight_make_the_loss(teacher, tmp_path):
         make_loss_fn(loaded_teacher.model, None, [Objective("forward_kl")], vocab, 16, Guards()),
         make_loss_fn(loaded_teacher.model, None, [Objective("forward_kl")], vocab, 16, Guards()),
         weight,
+        general.token_ratio(units),
     )(student, batch)[0].detach()
     assert float(forward) != pytest.approx(float(loss), rel=1e-3)
     # validation batches (no general rows) are scored on the task alone

@@ -9,8 +9,8 @@ Here every optimiser step holds task rows and general rows at `ratio`. The loop 
 is T task rows and G general rows (G / T = ratio), so every micro-batch, and every step, holds them at the
 ratio exactly; `train.batch_size` counts units (one task row each when the ratio is a whole number). The
 general rows have their own objectives and weight: the step's loss is the task loss per task token plus
-`weight` times the general loss per general token (each micro-batch's general mean counts as much as its
-task tokens do).
+`weight` times the general loss per general token, both over the whole mix (a constant token ratio, so the
+loss stays a sum over tokens and N processes equal one).
 
 General text comes from a user file (.jsonl with a `text` key, or .txt split at blank lines), or by default
 from the teacher itself: samples at temperature 1 continuing a built-in list of varied openings, written
@@ -41,6 +41,7 @@ from lmforge.distill import signals
 from lmforge.distill.objectives import Objective, check_objectives
 from lmforge.errors import UserError
 from lmforge.finetune.lora import LoraSettings, attach_lora, merge_and_verify
+from lmforge.train import ranks
 from lmforge.train.chunked import causal_lm_loss
 from lmforge.train.loop import TrainConfig, train
 
@@ -202,7 +203,8 @@ def teacher_samples(teacher, tokenizer, settings: GeneralSettings, path: Path, k
             {"text": prompt + tokenizer.decode(tokens, skip_special_tokens=True)}
             for prompt, (tokens, _) in zip(prompts, outputs, strict=True)
         ]
-        signals.write_jsonl_cache(path, key, cached)
+        if ranks.is_main():  # every rank draws the same seeded samples; one writes them
+            signals.write_jsonl_cache(path, key, cached)
     return [row["text"] for row in cached]
 
 
@@ -256,10 +258,24 @@ def mixed_collate(task_collate: Callable, general_collate: Callable) -> Callable
     return collate
 
 
-def mixed_loss(task_loss: Callable, general_loss: Callable, weight: float) -> Callable:
-    """loss_fn for units: task loss (summed over task tokens) + weight x the general loss per general token x
-    the task tokens, so that the loop's division by the step's task tokens leaves task mean + weight x general
-    mean. A batch without general rows (validation) is scored on the task alone."""
+def token_ratio(mix: list[dict]) -> float:
+    """Task over general scored tokens in the whole mix: the constant that puts the general loss per general
+    token on the task loss's per-token scale (next-token positions with a label, as the losses count them)."""
+
+    def scored(rows: list[dict]) -> int:
+        return sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)
+
+    task = sum(scored(unit["task"]) for unit in mix)
+    general_tokens = sum(scored(unit["general"]) for unit in mix)
+    return task / max(general_tokens, 1)
+
+
+def mixed_loss(task_loss: Callable, general_loss: Callable, weight: float, ratio: float) -> Callable:
+    """loss_fn for units: the task loss (summed over task tokens) + weight x ratio x the general loss (summed
+    over general tokens), where ratio = `token_ratio(units)`. The loop divides by the step's task tokens, which
+    leaves task mean + weight x general mean over the mix. A constant ratio, not each micro-batch's own, keeps
+    the loss a plain sum over tokens, so N processes and any micro-batch split equal one big batch. A batch
+    without general rows (validation) is scored on the task alone."""
 
     def loss_fn(model, batch: dict):
         if "general" not in batch:
@@ -267,9 +283,8 @@ def mixed_loss(task_loss: Callable, general_loss: Callable, weight: float) -> Ca
         task_batch = {k: v for k, v in batch.items() if k != "general"}
         loss, metrics = task_loss(model, task_batch)
         g_loss, g_metrics = general_loss(model, batch["general"])
-        scale = weight * metrics["tokens"] / max(g_metrics["tokens"], 1)
         general = {f"general_{k}": v for k, v in g_metrics.items()}
-        return loss + scale * g_loss, metrics | general
+        return loss + weight * ratio * g_loss, metrics | general
 
     return loss_fn
 

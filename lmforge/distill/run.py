@@ -418,9 +418,9 @@ def _distill(cfg: DistillConfig, meter: RunMeter, output: Path, work: Path, gene
     loop_rows = train_rows
     if general_rows:  # units of task and general rows at the ratio; validation stays on the task
         general_loss = make_loss_fn(teacher, cache, cfg.general.objectives, vocab, cfg.chunk_size, guards)
-        loss_fn = general.mixed_loss(loss_fn, general_loss, cfg.general.weight)
-        train_collate = general.mixed_collate(train_collate, collate)
         loop_rows = general.units(train_rows, general_rows, cfg.general.ratio)
+        loss_fn = general.mixed_loss(loss_fn, general_loss, cfg.general.weight, general.token_ratio(loop_rows))
+        train_collate = general.mixed_collate(train_collate, collate)
     save_run_config(cfg, work)
     with on_interrupt(work):
         history = train(
