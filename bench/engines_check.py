@@ -26,60 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from finetune_vs_trl import TRL_SCRIPT  # the CPU benchmark's TRL SFTTrainer run, bf16 on a GPU
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 LORA = ["lora.r=16", "lora.alpha=32.0", "lora.target_modules=[all-linear]"]
-
-TRL_SCRIPT = r"""
-import json, sys, time
-import torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import SFTConfig, SFTTrainer
-
-spec = json.loads(open(sys.argv[1]).read())
-
-
-class Clock(TrainerCallback):
-    start = end = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.end = time.perf_counter()
-
-
-tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-rows = [json.loads(line) for line in open(spec["data"])]
-dataset = Dataset.from_list([
-    {"prompt": [{"role": "user", "content": r["prompt"]}],
-     "completion": [{"role": "assistant", "content": r["completion"]}]}
-    for r in rows
-])
-config = SFTConfig(
-    output_dir=spec["scratch"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
-    learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-    max_length=spec["max_length"], packing=False, completion_only_loss=True, bf16=spec["bf16"], fp16=False,
-    use_cpu=not torch.cuda.is_available(), report_to="none", eval_strategy="no", save_strategy="no",
-    logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0,
-)
-lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-clock = Clock()
-trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
-                     callbacks=[clock])
-trainer.train()
-logged = [h for h in trainer.state.log_history if "loss" in h]
-tokens = max((h.get("num_tokens", 0) for h in logged), default=0)
-seconds = clock.end - clock.start
-json.dump({
-    "losses": [h["loss"] for h in logged], "train_tokens": tokens, "train_s": seconds,
-    "tokens_per_s": tokens / seconds if seconds else None,
-    "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-}, open(spec["result"], "w"))
-"""
 
 
 def run(name: str, command: list[str], work: Path, timeout: float, env: dict | None = None) -> dict:
@@ -203,9 +154,11 @@ def main() -> int:
         results["cpu_refusals_ok"] = all(
             results[n]["status"] != 0 and "refusal" in results[n] for n in ("fsdp2_lora", "zero3_distill")
         )
-    spec = {"model": str(model), "data": str(records), "batch_size": 8, "steps": steps, "lr": 1e-4,
-            "max_length": 256, "bf16": torch.cuda.is_available(), "scratch": str(work / "trl"),
-            "result": str(work / "trl.json")}  # fmt: skip
+    train = [json.loads(line) for line in Path(records).read_text().splitlines() if line.strip()]
+    spec = {"model": str(model), "train": train, "batch_size": 8, "steps": steps, "lr": 1e-4, "schedule": "constant",
+            "max_length": 256, "seed": 0, "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0},
+            "bf16": torch.cuda.is_available(), "scratch": str(work / "trl"), "adapter": str(work / "trl_adapter"),
+            "report": str(work / "trl.json")}  # fmt: skip
     (work / "trl_spec.json").write_text(json.dumps(spec))
     (work / "trl_sft.py").write_text(TRL_SCRIPT)
     try:
@@ -214,7 +167,9 @@ def main() -> int:
         results["trl_sft"] = run("trl_sft", [PY, str(work / "trl_sft.py"), str(work / "trl_spec.json")], work,
                                  timeout, env=dict(os.environ, ACCELERATE_MIXED_PRECISION="no"))  # fmt: skip
         if (work / "trl.json").is_file():
-            results["trl_sft"] |= json.loads((work / "trl.json").read_text())
+            trl_report = json.loads((work / "trl.json").read_text())
+            trl_report["tokens_per_s"] = trl_report["input_tokens"] / trl_report["train_s"]
+            results["trl_sft"] |= trl_report
     except ImportError:
         results["trl_sft"] = {"status": "not run: trl is not installed"}
     (args.out / "engines.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
