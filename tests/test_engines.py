@@ -139,6 +139,19 @@ def test_zero_launch_on_cpu_is_one_line_and_nothing_written(monkeypatch, capsys,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_accumulation_under_deepspeed_is_refused_before_anything_loads(
+    monkeypatch, capsys, tiny_llama, tmp_path, plain_launch
+):
+    """The loop does not yet accumulate through DeepSpeed's engine (it would step every micro-batch): refused."""
+    for name, value in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    args = ["finetune", "--model", str(tiny_llama), "--task", "dates", "--out", str(tmp_path / "run"), *QUICK]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "train.grad_accum=2")
+    line = _one_line(code, err)
+    assert "train.grad_accum: 2 under DeepSpeed" in line and "train.batch_size" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_on_policy_distillation_under_sharding_is_refused(monkeypatch, capsys, tiny_llama, tmp_path, plain_launch):
     for name, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)

@@ -160,6 +160,14 @@ def check_run(cfg: Any) -> None:
         refuse_generation_under_sharding(f"signal.kind: {signal}", engine)
     if getattr(getattr(cfg, "rationale", None), "enabled", False):
         refuse_generation_under_sharding("rationale.enabled (the teacher writes rationales)", engine)
+    if engine.name.startswith("zero") and cfg.train.grad_accum > 1:
+        # Accelerate steps DeepSpeed's engine inside backward unless accumulate() says otherwise, and the loop's
+        # micro-batch counts vary by rank (token budget), which accumulate()'s fixed count cannot follow.
+        raise UserError(
+            f"train.grad_accum: {cfg.train.grad_accum} under DeepSpeed ({launch_config_file()}): lmforge accumulates "
+            "through DeepSpeed's engine only one micro-batch per step; set train.grad_accum: 1 and raise "
+            f"train.batch_size, or launch with {SHIPPED_CONFIGS / 'fsdp2.yaml'} or {SHIPPED_CONFIGS / 'ddp.yaml'}"
+        )
     check_engine(engine)
     resolve_mixed_precision(cfg.train.mixed_precision, _device_type(), _bf16_supported())
     quantize = getattr(getattr(cfg, "lora", None), "quantize", None)
