@@ -11,14 +11,13 @@ import gguf
 import pytest
 import torch
 from cli_helpers import run_cli
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lmforge.errors import UserError
 from lmforge.finetune.sft import finetune
 from lmforge.models.gguf import read_gguf_metadata
 from lmforge.models.gguf_export import export_gguf
 from lmforge.models.load import load_model
-from lmforge.models.tiny import make_tiny_llama, make_tiny_tokenizer
+from lmforge.models.tiny import make_tiny_llama, make_tiny_qwen2
 
 PROMPTS = ["the answer is", "Hello world", "once upon a time there", "2 + 2 =", "where is the", "Héllo ☃"]
 MESSAGES = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It's 4."}]
@@ -165,16 +164,7 @@ def test_cli_exports_q8_0(tiny_llama, tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory):
-    """A tiny Qwen2 model (not llama, though shaped like one) with the tiny tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny_qwen2")
-    tokenizer = make_tiny_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from merge_helpers import family, leftovers, perturbed, weights
 from lmforge.errors import UserError
 from lmforge.merge import moe_router
 from lmforge.merge.moe import moe
-from lmforge.models.tiny import make_tiny_llama
+from lmforge.models.tiny import make_tiny_llama, make_tiny_qwen2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import peers  # noqa: E402
@@ -195,25 +195,13 @@ def test_routing_accuracy_is_recorded(models, tmp_path):
 # ---------------------------------------------------------------- bad inputs: one line, nothing written
 
 
-def _qwen2_model(folder: Path) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from lmforge.models.tiny import make_tiny_tokenizer
-
-    tokenizer = make_tiny_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c, tmp: c["experts"][1].update(source_model=str(_qwen2_model(tmp / "qwen2"))), "'qwen2' model"),
+        (
+            lambda c, tmp: c["experts"][1].update(source_model=str(make_tiny_qwen2(tmp / "qwen2", layers=2))),
+            "'qwen2' model",
+        ),
         (
             lambda c, tmp: c["experts"][1].update(
                 source_model=str(
