@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from lmforge.models import compat  # noqa: F401  (bitsandbytes imported offline before a test imports PEFT)
 from lmforge.models.gguf import write_llama_gguf
 from lmforge.models.tiny import make_tiny_llama
 

@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from torch import Tensor
 
 from lmforge import config as config_io
@@ -200,6 +199,8 @@ def add_reference_logprobs(model, rows: list[dict], pad_id: int, batch_size: int
     was_training = model.training
     model.eval()
     out = []
+    from peft import PeftModel  # after lmforge.models.compat (via load): bitsandbytes offline
+
     base_only = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
     with torch.no_grad(), base_only:
         for start in range(0, len(rows), batch_size):

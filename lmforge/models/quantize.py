@@ -12,18 +12,14 @@ away, so the adapter is moved onto the dequantised base first and merged there, 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 import torch
 
 from lmforge.errors import UserError
+from lmforge.models import compat  # noqa: F401  (bitsandbytes imported offline)
 
 QUANTIZE = ("nf4", "int8")
-# bitsandbytes 0.50 on a CPU with AVX512-BF16 looks up a hub kernel for its inference repacking when imported
-# (PEFT imports it on every LoRA run) and warns when it finds none; lmforge turns that path off (see
-# prepare_for_training), so the warning says nothing to a user.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @functools.cache
