@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -54,3 +55,13 @@ def swapped_vocabulary_llama(tmp_path):
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_timing_repeat():
+    """Distillation's footprint times are medians of 3 runs; one is enough for tests that check the record."""
+    from lmforge.distill import run as distill_run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distill_run, "measure_footprint", functools.partial(distill_run.measure_footprint, repeats=1))
+        yield

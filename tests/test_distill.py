@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 
@@ -17,13 +16,7 @@ from lmforge.errors import UserError
 from lmforge.models.load import load_model
 from lmforge.models.tiny import make_tiny_llama
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_timing_repeat():
-    """The footprint's timings are medians of 3 runs; one is enough to check the record is written."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(distill_run, "measure_footprint", functools.partial(distill_run.measure_footprint, repeats=1))
-        yield
+pytestmark = pytest.mark.usefixtures("one_timing_repeat")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ general objective and weight, teacher correction, and bad general files."""
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -28,12 +27,7 @@ ORDINARY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_timing_repeat():
-    """The footprint's timings are medians of 3 runs; one is enough here."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(distill_run, "measure_footprint", functools.partial(distill_run.measure_footprint, repeats=1))
-        yield
+pytestmark = pytest.mark.usefixtures("one_timing_repeat")
 
 
 @pytest.fixture(scope="module")
