@@ -303,6 +303,7 @@ def lmforge_config(args: argparse.Namespace, signal: str, teacher: Path, student
         "signal": dict(  # samples at T, as TRL's GKDConfig.temperature
             kind=signal, on_policy_fraction=fraction, temperature=TEMPERATURE, max_new_tokens=args.max_new_tokens
         ),
+        "general": {"ratio": 0},  # TRL's GKDTrainer trains on the task rows only: no general-text mix here
         "eval": {"probe": False},
     }
 

@@ -8,13 +8,14 @@ provocative prompts, the held-out log-likelihood margin, probe perplexity and a 
 Results are written after every run, so an interrupted benchmark keeps what it measured.
 
     python bench/edit_vs_dpo.py                       # everything (slow on a shared CPU)
-    python bench/edit_vs_dpo.py --conditions 50 50:0.3 --dpo-steps 12
+    python bench/edit_vs_dpo.py --conditions 500 500:0.3 --no-base   # DPO: one epoch (125 steps of 4 pairs)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -77,11 +78,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conditions", nargs="+", default=["50", "50:0.3", "500", "500:0.3"], help="PAIRS[:FLIP]")
     parser.add_argument("--methods", nargs="+", default=["profs", "dpo"])
-    parser.add_argument("--dpo-steps", type=int, default=12, help="optimiser steps of each DPO run")
+    parser.add_argument("--dpo-steps", type=int, default=None, help="DPO steps (default: one epoch)")
     parser.add_argument("--dpo-batch", type=int, default=4, help="pairs per DPO step")
     parser.add_argument("--dpo-lr", type=float, default=5e-4)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--layers", default=None, help="ProFS layers, e.g. 24,25,26 (default: lmforge's)")
+    parser.add_argument("--site", default=None, help="ProFS site: residual or mlp (default: lmforge's)")
     parser.add_argument("--no-base", action="store_true", help="do not score the base model")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts generated from (of 128)")
     parser.add_argument("--new-tokens", type=int, default=6)
@@ -109,8 +111,10 @@ def main() -> None:
             if method == "profs":
                 command = [LMFORGE, "edit", "--method", "profs", "--data", str(data), "--out", str(out)]
                 command += ["--k", str(args.k), "eval.probe=false"] + (["--layers", args.layers] if args.layers else [])
+                command += [f"site={args.site}"] if args.site else []
             else:
-                command = [LMFORGE, "dpo", "--data", str(data), "--out", str(out), "--steps", str(args.dpo_steps)]
+                steps = args.dpo_steps or math.ceil(int(pairs) / args.dpo_batch)  # one pass over the pairs
+                command = [LMFORGE, "dpo", "--data", str(data), "--out", str(out), "--steps", str(steps)]
                 command += ["--lr", str(args.dpo_lr), f"train.batch_size={args.dpo_batch}", "eval.probe=false"]
                 command += ["train.save_every=1000"]
             row = {"method": method, "pairs": int(pairs), "flip": float(flip or 0), **run(command)}

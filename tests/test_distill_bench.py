@@ -85,6 +85,7 @@ def test_max_grad_norm_reaches_both_tools(bench, given, lmforge, trl, tiny_llama
     config = config_io.load(tmp_path / "distill.yaml", DistillConfig)
     assert config.train.max_grad_norm == lmforge and config.signal.kind == "cached"
     assert config.train.lr == args.lr and config.train.max_steps == args.steps
+    assert not config.general.enabled  # TRL trains on task rows only, so lmforge mixes in no general text here
     assert trl_config(bench, _spec(bench, args, tiny_llama, tmp_path), tmp_path, monkeypatch)["max_grad_norm"] == trl
 
 
