@@ -50,6 +50,7 @@ class ModelFacts:
     layers: int
     hidden: int
     vocab: int
+    intermediate: int = 0  # MLP width (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def model_facts(folder: str | Path) -> ModelFacts | None:
         layers=int(text.get("num_hidden_layers", 1)),
         hidden=int(text.get("hidden_size", 1)),
         vocab=int(text.get("vocab_size", 1)),
+        intermediate=int(text.get("intermediate_size") or 0),
     )
 
 
@@ -194,10 +196,7 @@ def distill(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
     student_ref = config.get("student")
     student = facts_of(str(student_ref)) if student_ref else None
     if student is None and teacher is not None:
-        layers = int(config.get("student_layers") or max(1, teacher.layers // 2))
-        embed = teacher.vocab * teacher.hidden
-        body = max(teacher.params - embed, 0) * layers / max(teacher.layers, 1)
-        student = ModelFacts(int(embed + body), layers, teacher.hidden, teacher.vocab)
+        student = _student_facts(config, teacher)
     data, train = config.get("data") or {}, config.get("train") or {}
     seconds, peak, basis = _training(train, data, student, config.get("method", "full") == "full")
     rows = int(train.get("max_steps", 100)) * int(train.get("batch_size", 8)) * int(train.get("grad_accum", 1))
@@ -214,6 +213,26 @@ def distill(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
         f"{basis}; teacher forward on every row{general_basis}",
         student,
     )
+
+
+def _student_facts(config: Mapping[str, Any], teacher: ModelFacts) -> ModelFacts:
+    """A student built from the teacher's layers, before it exists: the layers kept (all of them when only the
+    width shrinks, as distill/run.py does), then the width: `params_fraction` as given, or a narrower MLP."""
+    width = config.get("width") or {}
+    width = width if isinstance(width, Mapping) else {}
+    narrowed = any(width.get(key) for key in ("params_fraction", "intermediate_size", "hidden_size"))
+    layers = int(config.get("student_layers") or (teacher.layers if narrowed else max(1, teacher.layers // 2)))
+    embed = teacher.vocab * teacher.hidden
+    body = max(teacher.params - embed, 0) * layers / max(teacher.layers, 1)
+    if width.get("params_fraction"):
+        fraction = float(width["params_fraction"])
+        return ModelFacts(int(teacher.params * fraction), layers, teacher.hidden, teacher.vocab, teacher.intermediate)
+    if width.get("intermediate_size") and teacher.intermediate:
+        mlp_per_layer = 3 * teacher.hidden * (teacher.intermediate - int(width["intermediate_size"]))
+        body = max(body - layers * mlp_per_layer, 0)
+    hidden = int(width.get("hidden_size") or teacher.hidden)
+    intermediate = int(width.get("intermediate_size") or teacher.intermediate)
+    return ModelFacts(int((embed + body) * hidden / teacher.hidden), layers, hidden, teacher.vocab, intermediate)
 
 
 def _general_text(general: Mapping[str, Any], rows: int, teacher, student) -> tuple[float, str]:
@@ -252,6 +271,46 @@ def merge(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
         basis += f"; {trials} weight combinations scored"
     largest = (out.vocab * out.hidden * 4) if out else 0.11e9
     return Estimate(seconds, RUNTIME_BYTES + (len(inputs) + 2) * largest, basis, out)
+
+
+def moe(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
+    """`lmforge moe`: every source read and the MoE written, the base's forward over the router prompts, and
+    the routing check (the MoE's forward over `routing_limit` texts per routing task)."""
+    experts = [e for e in list(config.get("experts") or []) + list(config.get("shared_experts") or []) if e]
+    base = facts_of(str(config.get("base_model", "default")))
+    sources = [facts_of(str(e.get("source_model", ""))) for e in experts if isinstance(e, Mapping)]
+    params = base.params if base else REF_PARAMS
+    mlp = 3 * base.hidden * base.intermediate * base.layers if base and base.intermediate else params / 2
+    total = params + max(len(sources) - 1, 0) * mlp
+    out = ModelFacts(int(total), base.layers, base.hidden, base.vocab, base.intermediate) if base else None
+    moved = sum(_weights(f) for f in [base, *sources] if f) + 4 * total
+    prompts = sum(len(e.get("positive_prompts") or []) + len(e.get("negative_prompts") or []) for e in experts)
+    seconds = START_S + moved / IO_BYTES_PER_S + prompts * 100 * 2 * params / SCORE_FLOPS
+    routing = len(config.get("routing_tasks") or []) * int(config.get("routing_limit", 30))
+    seconds += routing * 100 * 2 * total / SCORE_FLOPS  # ~100 tokens a record; every expert runs on CPU
+    basis = f"{len(sources)} experts read, {prompts} router prompts"
+    basis += f", {routing} routing records" if routing else ""
+    return Estimate(seconds, RUNTIME_BYTES + 2 * 4 * total, basis, out)
+
+
+def filter_step(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
+    """`lmforge data filter`: when a rule needs the model, two forward passes per record (the answer after
+    its prompt, and alone); the text checks alone take seconds."""
+    facts = facts_of(str(config.get("model", "default")))
+    data = {"task": config.get("task"), "path": config.get("data"), "max_length": config.get("max_length", 512)}
+    records = config.get("limit")
+    if records is None and data["path"] and Path(data["path"]).is_file():
+        with open(data["path"], encoding="utf-8") as handle:
+            records = sum(1 for line in handle if line.strip())
+    records = int(records or 1000)
+    bounds = ("nll_max", "nll_min", "ifd_min", "keep_fraction")
+    scored = any(config.get(key) is not None for key in bounds) or config.get("ifd_max", 1.0) is not None
+    if not scored:
+        return Estimate(START_S + 0.01 * records, RUNTIME_BYTES, f"{records} records checked, no model", None)
+    tokens = records * 1.5 * _tokens_per_row(data)  # the whole record, then the answer alone
+    params = facts.params if facts else REF_PARAMS
+    seconds = START_S + tokens * 2 * params / SCORE_FLOPS
+    return Estimate(seconds, RUNTIME_BYTES + _weights(facts) * 1.9, f"{records} records scored twice", None)
 
 
 def _soup_scoring(config: Mapping[str, Any], facts: ModelFacts | None) -> float:

@@ -320,7 +320,14 @@ KINDS: dict[str, Kind] = {
         estimate=estimate.edit,
         needs="lmforge.edit",
     ),
-    "moe": Kind(run=_run_moe, check=_check_moe, models=_moe_models, output_key=None, needs="lmforge.merge"),
+    "moe": Kind(
+        run=_run_moe,
+        check=_check_moe,
+        models=_moe_models,
+        output_key=None,
+        needs="lmforge.merge",
+        estimate=estimate.moe,
+    ),
     "eval": Kind(
         run=_run_eval,
         check=_checker("lmforge.recipe.kinds:EvalStep"),
@@ -336,6 +343,7 @@ KINDS: dict[str, Kind] = {
         run=_run_filter,
         check=_checker("lmforge.data.filter:FilterConfig"),
         models=lambda config: models_at(config, "model") or ["default"],
+        estimate=estimate.filter_step,
     ),
     "select": Kind(run=_run_select, check=_check_select, estimate=estimate.select),
     "compare": Kind(run=_run_compare, check=_checker("lmforge.recipe.kinds:CompareStep")),
