@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from lmforge import config as config_io
 from lmforge.errors import UserError
-from lmforge.merge import moe_router
+from lmforge.merge import moe_router, moe_training
 from lmforge.merge.safetensors_io import TensorInfo, index_folder, plan_shards, read_rows, write_at
 from lmforge.models.load import resolve_model
 from lmforge.outputs import CardTable, model_card, staged_output, write_run_files
@@ -76,6 +77,8 @@ class MoEConfig:
     task's tokens that the MoE sends to its expert (routing accuracy)."""
     routing_limit: int = 30
     """lmforge only: test records per routing task."""
+    train_router: moe_training.RouterTraining | None = None
+    """lmforge only: train the routers for a few steps after the build (moe_training.py); default off."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ def check(cfg: MoEConfig, where: str = "config", allow_all_same: bool = False) -
         )
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise UserError(f"{where}: dtype '{cfg.dtype}' is unknown: use one of {', '.join(DTYPES)}")
+    moe_training.check(cfg, where)
     return arch
 
 
@@ -225,16 +229,24 @@ def moe(
     rows = moe_router.gate_rows(cfg.gate_mode, base.folder, groups, layers, hidden, seed=seed, device=device)
     degenerate = moe_router.warn_degenerate(rows) if cfg.gate_mode in moe_router.PROMPT_MODES else []
     dtype = DTYPES.get(cfg.dtype or base.config.get("dtype") or base.config.get("torch_dtype") or "", torch.float32)
-    with staged_output(out, overwrite=overwrite) as staging:
+    with staged_output(out, overwrite=overwrite) as staging, tempfile.TemporaryDirectory(prefix="lmforge-") as work:
         tensors = output_tensors(cfg, arch, base, opened, rows, layers, seed)
         count = write_tensors(staging, tensors, dtype)
         write_config(staging, base, cfg, arch, dtype)
         copy_tokenizer(base.folder, staging)
-        routing = {}
-        if cfg.routing_tasks:
-            from lmforge.merge.moe_eval import routing_accuracy
+        from lmforge.merge.moe_eval import routing_accuracy
 
-            routing = routing_accuracy(staging, cfg.routing_tasks, cfg.routing_limit, device=device)
+        def measure_routing() -> dict:
+            if not cfg.routing_tasks:
+                return {}
+            return routing_accuracy(staging, cfg.routing_tasks, cfg.routing_limit, device=device)
+
+        training = None
+        if cfg.train_router is not None:  # routers trained in place in the staged weights, nothing else
+            untrained = measure_routing()
+            training = moe_training.train_routers(staging, cfg, Path(work), seed=seed, device=device)
+            training["routing_accuracy_before"] = untrained
+        routing = measure_routing()
         params = parameter_counts(count, cfg, layers, base.config)
         record = run_record(
             "merge",
@@ -247,8 +259,9 @@ def moe(
             size_bytes=sum(f.stat().st_size for f in staging.glob("*.safetensors")),
             metrics={"moe": {"params_active": params["active"], "routing_accuracy": routing}},
         )
-        record["router"] = {"gate_mode": cfg.gate_mode, "degenerate_layers": degenerate}
-        write_run_files(staging, raw, record, _card(out, cfg, arch, params, routing))
+        record["router"] = {"gate_mode": cfg.gate_mode, "degenerate_layers": degenerate, "training": training}
+        log_file = Path(work) / "log.jsonl" if training else None
+        write_run_files(staging, raw, record, _card(out, cfg, arch, params, routing, training), log_file)
     return out
 
 
@@ -383,10 +396,11 @@ def parameter_counts(numel: dict[str, int], cfg: MoEConfig, layers: int, base_co
     return {"total": total, "active": total - skipped}
 
 
-def _card(out: Path, cfg: MoEConfig, arch: str, params: dict, routing: dict) -> str:
+def _card(out: Path, cfg: MoEConfig, arch: str, params: dict, routing: dict, training: dict | None) -> str:
+    trained = f", then trained for {training['steps']} steps (routers only)" if training else ""
     sentence = (
         f"A {arch} mixture of {len(cfg.experts)} experts ({cfg.experts_per_token} per token) built by `lmforge moe` "
-        f"from `{cfg.base_model}`, router rows by gate_mode `{cfg.gate_mode}`. Experts:"
+        f"from `{cfg.base_model}`, router rows by gate_mode `{cfg.gate_mode}`{trained}. Experts:"
     )
     sections: list = [[f"- `{e.source_model}`" for e in cfg.experts + (cfg.shared_experts or [])]]
     sections.append(
