@@ -13,7 +13,9 @@ experts' weights, so one expert always gets weight 1 and the router's gradient i
 about 1e-7 on the tiny test model), and on top-2-of-2 it only tunes the mixing weights; the token labels say
 directly what routing accuracy measures.
 The balance term keeps any expert from going unused (f_i: share of tokens with expert i in their top-k,
-P_i: mean router probability), as transformers' `load_balancing_loss_func` computes it for one layer.
+P_i: mean router probability), as transformers' `load_balancing_loss_func` computes it for one layer. It pulls
+toward equal token shares, so where one task's texts are longer it slightly opposes the labels: its small
+default weight (Switch's 0.01) keeps it a guard against a dead expert, not a target.
 Data: the routing tasks' train splits (never their test records, which routing accuracy reads), or else
 each expert's positive prompts, every token labelled with its expert.
 """
