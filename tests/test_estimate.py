@@ -43,5 +43,8 @@ def test_moe_counts_its_experts_and_routing_check():
     config = {"base_model": "base", "experts": experts, "experts_per_token": 1}
     built = estimate.moe(config, facts_of)
     assert built.output.params == TEACHER.params + 3 * 576 * 1536 * 30  # one more MLP per layer
-    routed = estimate.moe({**config, "routing_tasks": ["dates", "extraction"]}, facts_of)
+    config["routing_tasks"] = ["dates", "extraction"]
+    routed = estimate.moe(config, facts_of)
     assert routed.seconds > built.seconds and "60 routing records" in routed.basis
+    trained = estimate.moe({**config, "train_router": {"steps": 20}}, facts_of)
+    assert trained.seconds > routed.seconds and "routers trained 20 steps x 8 rows" in trained.basis

@@ -287,9 +287,16 @@ def moe(config: Mapping[str, Any], facts_of: FactsOf) -> Estimate:
     prompts = sum(len(e.get("positive_prompts") or []) + len(e.get("negative_prompts") or []) for e in experts)
     seconds = START_S + moved / IO_BYTES_PER_S + prompts * 100 * 2 * params / SCORE_FLOPS
     routing = len(config.get("routing_tasks") or []) * int(config.get("routing_limit", 30))
-    seconds += routing * 100 * 2 * total / SCORE_FLOPS  # ~100 tokens a record; every expert runs on CPU
+    training = config.get("train_router")
+    training = training if isinstance(training, Mapping) else ({} if training is not None else None)
+    checks = 1 if training is None else 2  # router training measures routing before and after
+    seconds += checks * routing * 100 * 2 * total / SCORE_FLOPS  # ~100 tokens a record; every expert runs on CPU
     basis = f"{len(sources)} experts read, {prompts} router prompts"
     basis += f", {routing} routing records" if routing else ""
+    if training is not None:  # backward runs through the whole model to reach the first router
+        steps, batch = int(training.get("steps", 50)), int(training.get("batch_size", 8))
+        seconds += steps * batch * 100 * 6 * total / TRAIN_FLOPS
+        basis += f", routers trained {steps} steps x {batch} rows"
     return Estimate(seconds, RUNTIME_BYTES + 2 * 4 * total, basis, out)
 
 
