@@ -8,6 +8,7 @@ whose router matrix is ill-conditioned, the build time and, with --eval-limit, t
 (exact match on the first N test records). One JSON line per mode is printed and written to --out.
 
     python bench/moe_routing.py --recipe-dir /tmp/h5/demo_moe --modes hidden hidden_mlp ridge --eval-limit 30
+    python bench/moe_routing.py --recipe-dir runs/demo --modes hidden --train-router 50 --eval-limit 30
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="positive prompts per expert")
     parser.add_argument("--per-token", type=int, default=1, help="experts_per_token")
     parser.add_argument("--routing-limit", type=int, default=30)
+    parser.add_argument("--train-router", type=int, default=0, help="router-only training steps after the build")
     parser.add_argument("--eval-limit", type=int, default=0, help="also score N test records per task (0: no)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/moe_routing.jsonl"))
     args = parser.parse_args()
@@ -55,6 +57,8 @@ def main() -> None:
             "routing_tasks": list(TASK_NAMES),
             "routing_limit": args.routing_limit,
         }
+        if args.train_router:
+            config["train_router"] = {"steps": args.train_router}
         with tempfile.TemporaryDirectory(prefix="moe_routing_") as scratch:
             start = time.perf_counter()
             folder = moe(config, Path(scratch) / mode)
@@ -67,6 +71,10 @@ def main() -> None:
                 "degenerate_layers": record["router"]["degenerate_layers"],
                 "build_s": round(built, 1),
             }
+            if args.train_router:
+                training = record["router"]["training"]
+                row["train_router_steps"] = args.train_router
+                row["routing_accuracy_before_training"] = training["routing_accuracy_before"]["by_task"]
             if args.eval_limit:
                 from lmforge.eval.run import evaluate, metrics_of
 
