@@ -29,6 +29,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = [{"loss": "forward_kl", "weight": 1.0}, {"loss": "ce", "weight": 0.5}]
+# as configs/distill_extraction.yaml: one teacher-written general row per task row (the samples cached once)
+GENERAL = {"ratio": 1.0, "samples": 256, "max_new_tokens": 96, "max_length": 104}
 
 
 def depth_layers(teacher_config, fraction: float) -> int:
@@ -66,6 +68,7 @@ def curve_recipe(args, teacher_config) -> dict:
         "teacher": teacher,
         "data": {"path": "${steps.distill_data.output}/train.jsonl", "max_length": 128},
         "objectives": OBJECTIVES,
+        "general": GENERAL,
         "train": {"lr": args.lr, "max_steps": args.steps, "batch_size": 8, "warmup_steps": 5, "eval_every": 1000},
         "eval": {"task": args.task, "limit": 10, "probe": False},
     }
