@@ -199,3 +199,20 @@ def test_cli_compare_writes_the_report(monkeypatch, capsys, runs, tmp_path):
     assert {p.name for p in out.iterdir()} >= {"report.md", "report.html", "plots", "comparison.json", "run.json"}
     markdown = (out / "report.md").read_text()
     assert "| merge_bad | linear | 0.300 (+0.300) |" in markdown
+
+
+def test_an_edit_that_costs_general_text_did_not_pay_off(runs, tmp_path):
+    """An edit removes one behaviour: its margin must fall AND probe perplexity stay within +10% of the base."""
+    specs = [f"base={runs['base']}"]
+    for name, probe in (("edit_gentle", 14.5), ("edit_harsh", 16.8)):  # +3.6% and +20% against 14.0
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        record = {"command": "edit", "method": "profs", "inputs": {"model": {"ref": "default"}}, "wall_s": 20.0,
+                  "peak_rss_bytes": int(1e9), "preference": {"pairs": 16, "margin_before": -3.2, "margin_after": -9.5},
+                  "metrics": {}}  # fmt: skip
+        (folder / "run.json").write_text(json.dumps(record))
+        specs.append(str(eval_run(tmp_path / "eval" / name, folder, {**BASE, "probe": probe}, 135e6, 70)))
+    verdicts = compare(specs, baseline="base").verdicts
+    assert verdicts["edit_gentle"] == "paid off: log p(rejected) - log p(chosen) on 16 of its pairs -3.20 -> -9.50"
+    harsh = "did not pay off: probe perplexity rose +20.0% (> +10%) while log p(rejected) - log p(chosen) on 16"
+    assert verdicts["edit_harsh"].startswith(harsh)

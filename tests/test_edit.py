@@ -280,7 +280,9 @@ def test_recipe_edit_steps_are_the_edit_family_in_the_report(tiny_llama, tmp_pat
     }
     margin = record["preference"]
     fell = margin["margin_after"] < margin["margin_before"]
-    assert comparison["verdicts"]["profs"].startswith("paid off" if fell else "did not pay off")
+    probe = {row["label"]: row["scores"]["probe"]["value"] for row in comparison["rows"]}
+    kept = probe["profs"] <= 1.10 * probe["base"]  # an edit that costs general text does not pay off
+    assert comparison["verdicts"]["profs"].startswith("paid off" if fell and kept else "did not pay off")
     assert f"{margin['margin_before']:+.2f} -> {margin['margin_after']:+.2f}" in comparison["verdicts"]["profs"]
     assert comparison["verdicts"]["unchanged"].startswith("did not pay off")  # k = 0: the margin cannot fall
     report = (root / "report" / "report.md").read_text()

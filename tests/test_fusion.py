@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,5 @@ def test_report_shows_a_fused_run_as_a_fusion_row_made_at_no_cost(trio, tmp_path
     total = f"{2 * single / 1e3:.1f} K"
     assert footprint.rows[1][1] == f"{total} ({total} active)"  # both members run for every token
     assert "ensemble" in comparison.verdicts  # judged like a merge: against the experts' gains
+    unlabelled = compare([f"base={base}", str(fused)]).rows[1].label  # named after the fusion and its members
+    assert unlabelled == f"ensemble({Path(trio[0]).name}+{Path(trio[1]).name})"

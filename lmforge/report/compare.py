@@ -129,6 +129,9 @@ def load_rows(specs: list[str]) -> list[Row]:
             made = _producer_of(model.get("folder"))
             producer = made[1] if made else None
             name = label or (made[0].name if made else Path(str(model.get("ref", folder.name))).name)
+            if model.get("fuse") and not label:  # several members: name the fusion, not the last member's path
+                members = [Path(str(m.get("folder", ""))).name for m in model.get("members") or []]
+                name = f"{model['fuse']}({'+'.join(members)})"
             method, family = _method(producer)
             cost = _cost(producer) if producer else None
             if model.get("fuse"):  # fused at generation (eval/fusion.py): nothing made; its inputs are the members
@@ -378,7 +381,10 @@ def method_details(rows: list[Row], base: Row, tasks: list[str]) -> tuple[dict[s
         probe = _probe_change(row, base)
         if probe is not None:
             kept.append(f"probe perplexity {_change(probe)}")
-            if probe > FORGETS:  # whatever the task scores say, general text got worse: say so
+            if probe > FORGETS and row.family == "edit":  # an edit removes one behaviour and keeps the rest
+                margin = verdict.partition(": ")[2] or verdict
+                verdict = f"did not pay off: probe perplexity rose {_change(probe)} (> {FORGETS:+.0%}) while {margin}"
+            elif probe > FORGETS:  # whatever the task scores say, general text got worse: say so
                 verdict += f", but probe perplexity rose {_change(probe)} (forgetting)"
         verdicts[row.label] = verdict
         cost = row.cost or {}
@@ -543,8 +549,9 @@ def method_summary(rows: list[Row], base: Row, tasks: list[str], verdicts: dict[
         ["criterion", *families],
         body,
         f"verdict thresholds: a gain beyond 2 standard errors; a merge keeps >= {KEEPS:.0%} of each expert's gain; "
-        f"a student keeps >= {RETAINS:.0%} of its teacher's score and is >= {FASTER}x faster; an edit lowers its "
-        "pairs' margin",
+        f"a student keeps >= {RETAINS:.0%} of its teacher's score, is >= {FASTER}x faster and its probe perplexity "
+        f"is <= {GENERAL:g}x the teacher's; an edit lowers its pairs' margin and raises probe perplexity by at most "
+        f"{FORGETS:.0%}",
     )
 
 
