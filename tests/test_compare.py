@@ -158,7 +158,7 @@ def test_a_student_that_loses_general_text_does_not_pay_off(runs, tmp_path):
     record["metrics"]["probe"]["perplexity"]["value"] = 14.9 * 2.5  # the teacher (merge_good) has 14.9
     (changed / "run.json").write_text(json.dumps(record))
     comparison = compare(specs(runs | {"student": changed}), baseline="base")
-    assert comparison.verdicts["student"].startswith("did not pay off: probe perplexity 2.5x the teacher's (> 2x)")
+    assert comparison.verdicts["student"] == "did not pay off: probe perplexity 2.5x the teacher's (> 2x)"  # said once
     detail = {row[0]: row for row in comparison.tables[3].rows}
     assert "probe perplexity 2.50x the teacher's" in detail["student"][5]
 

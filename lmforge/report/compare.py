@@ -384,7 +384,7 @@ def method_details(rows: list[Row], base: Row, tasks: list[str]) -> tuple[dict[s
             if probe > FORGETS and row.family == "edit":  # an edit removes one behaviour and keeps the rest
                 margin = verdict.partition(": ")[2] or verdict
                 verdict = f"did not pay off: probe perplexity rose {_change(probe)} (> {FORGETS:+.0%}) while {margin}"
-            elif probe > FORGETS:  # whatever the task scores say, general text got worse: say so
+            elif probe > FORGETS and "probe perplexity" not in verdict:  # general text got worse: say so once
                 verdict += f", but probe perplexity rose {_change(probe)} (forgetting)"
         verdicts[row.label] = verdict
         cost = row.cost or {}
