@@ -227,7 +227,7 @@ def moe(
     all_experts = cfg.experts + (cfg.shared_experts or [])
     groups = [(e.positive_prompts or [], e.negative_prompts or []) for e in all_experts]
     rows = moe_router.gate_rows(cfg.gate_mode, base.folder, groups, layers, hidden, seed=seed, device=device)
-    degenerate = moe_router.warn_degenerate(rows) if cfg.gate_mode in moe_router.PROMPT_MODES else []
+    degenerate = moe_router.warn_degenerate(rows) if cfg.gate_mode in moe_router.AVERAGED_MODES else []
     dtype = DTYPES.get(cfg.dtype or base.config.get("dtype") or base.config.get("torch_dtype") or "", torch.float32)
     with staged_output(out, overwrite=overwrite) as staging, tempfile.TemporaryDirectory(prefix="lmforge-") as work:
         tensors = output_tensors(cfg, arch, base, opened, rows, layers, seed)

@@ -24,6 +24,9 @@ log = logging.getLogger("lmforge.moe")
 MERGEKIT_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
 LMFORGE_MODES = ("hidden_mlp", "ridge")
 PROMPT_MODES = ("hidden", "cheap_embed", "hidden_mlp", "ridge")
+# modes whose rows are averaged, unit-length prompt states: a high condition number means the prompts look alike;
+# ridge rows are fitted to separate the prompts and need not be well conditioned, so they are not checked
+AVERAGED_MODES = ("hidden", "cheap_embed", "hidden_mlp")
 DEGENERATE_COND = 5.0  # mergekit's threshold on a layer's router-matrix condition number
 RIDGE_LAMBDA = 1e-2  # ridge strength, relative to the mean diagonal of X^T X
 
