@@ -129,13 +129,11 @@ def load_rows(specs: list[str]) -> list[Row]:
             made = _producer_of(model.get("folder"))
             producer = made[1] if made else None
             name = label or (made[0].name if made else Path(str(model.get("ref", folder.name))).name)
-            if model.get("fuse") and not label:  # several members: name the fusion, not the last member's path
-                members = [Path(str(m.get("folder", ""))).name for m in model.get("members") or []]
-                name = f"{model['fuse']}({'+'.join(members)})"
             method, family = _method(producer)
             cost = _cost(producer) if producer else None
-            if model.get("fuse"):  # fused at generation (eval/fusion.py): nothing made; its inputs are the members
+            if model.get("fuse"):  # fused at generation (eval/fusion.py): nothing made; named after its members
                 method, family, producer, cost = f"fuse {model['fuse']}", "fusion", record, dict(FUSED_COST)
+                name = label or f"{model['fuse']}({'+'.join(Path(str(m['folder'])).name for m in model['members'])})"
             footprint = dict(record.get("metrics", {}).get("footprint") or {})
             rows.append(
                 Row(
@@ -506,11 +504,8 @@ def method_summary(rows: list[Row], base: Row, tasks: list[str], verdicts: dict[
             parts.append(f"{task} {_signed(_delta(best, base, task))} ({best.label})")
         return "; ".join(parts)
 
-    def spread(values: list) -> list:
-        return [v for v in values if v is not None]
-
     def span(values: list, fmt) -> str:
-        values = spread(values)
+        values = [v for v in values if v is not None]
         if not values:
             return "-"
         return fmt(values[0]) if len(set(values)) == 1 else f"{fmt(min(values))} - {fmt(max(values))}"
