@@ -158,11 +158,17 @@ def test_ctrl_c_during_tune_is_one_line_that_keeps_the_study(tiny_llama, tmp_pat
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     trials = tmp_path / "out" / "trials"
     deadline = time.monotonic() + 120
-    while not any(trials.glob("*.work")) and process.poll() is None and time.monotonic() < deadline:
+
+    def training() -> bool:  # the trial has logged a step: Ctrl-C lands inside the training loop
+        return any(log.stat().st_size for log in trials.glob("*.work/log.jsonl"))
+
+    while not training() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(1.0)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()  # never leave a 100,000-step trial running behind a failed test
     assert process.returncode == 130, err
     assert "Traceback" not in err and "Trial 0 failed" not in err
     lines = err.strip().splitlines()
