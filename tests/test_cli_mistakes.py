@@ -155,7 +155,12 @@ def test_ctrl_c_during_tune_is_one_line_that_keeps_the_study(tiny_llama, tmp_pat
         )
     )
     command = [sys.executable, "-c", "from lmforge.cli import main; main()", "tune", str(config), "--trials", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A user's terminal delivers Ctrl-C with SIGINT's default action; a test run started in the background by a
+    # shell without job control inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     trials = tmp_path / "out" / "trials"
     deadline = time.monotonic() + 120
 
