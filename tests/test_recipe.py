@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from lmforge import cli
 from lmforge import config as config_io
 from lmforge.errors import UserError
 from lmforge.outputs import staged_output
-from lmforge.recipe import estimate
+from lmforge.recipe import estimate, runner
 from lmforge.recipe.kinds import KINDS, Kind
 from lmforge.recipe.runner import STATE_FILE, make_plan, run_recipe
 from lmforge.recipe.schema import Recipe, Step, load_recipe, order
@@ -108,6 +109,17 @@ def test_failed_step_keeps_finished_ones_and_resumes(tmp_path):
     assert CALLS == ["a"]
     run(write_recipe(recipe, chain()))
     assert CALLS == ["b", "c"]  # a was recorded before b failed
+
+
+def test_a_quick_first_step_does_not_collapse_the_eta(tmp_path):
+    """The fake steps finish in milliseconds against 10-30 s estimated: three such steps are too little evidence
+    to scale the rest of the recipe down to nothing (a 0 s data step once turned a 55 min ETA into 2.6 min)."""
+    console = Console(file=io.StringIO(), width=200)
+    run_recipe(write_recipe(tmp_path / "r.yaml", chain()), kinds=FAKE, isolate=False, console=console)
+    etas = [int(x) for x in re.findall(r"recipe ETA (\d+) s", console.file.getvalue())]
+    assert len(etas) == 3 and etas[0] == 60  # 10 + 20 + 30 s estimated, nothing measured yet
+    assert etas[2] >= 30 * 0.5  # c's 30 s still counts after a and b ran in ~0 s of their 30 s
+    assert runner.eta_pace(600.0, 300.0) > 1.5  # with real evidence the measured pace wins
 
 
 def test_dry_run_plans_without_running(tmp_path):

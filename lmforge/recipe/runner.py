@@ -44,6 +44,9 @@ ESTIMATE_NOTE = (
     "estimates: parameter counts x steps x tokens at rates measured on a 2-core CPU with SmolLM2-135M "
     "(lmforge/recipe/estimate.py); expect +-50%"
 )
+# Estimated seconds of prior evidence that the estimates are right: the measured pace moves the ETA only as
+# estimated work accumulates, so a 3 s step that ends in 0 s does not shrink an hour's ETA to minutes.
+PACE_PRIOR_S = 120.0
 
 
 @dataclass
@@ -109,7 +112,7 @@ def run_recipe(
             console.print(f"[dim]step {index}/{len(plan)} {step.name}: unchanged, kept {record['output']}[/dim]")
             continue
         remaining = sum(p.estimate.seconds for p in plan[index - 1 :] if p.runs or p is item)
-        pace = done_real / done_est if done_est else 1.0
+        pace = eta_pace(done_real, done_est)
         console.rule(
             f"step {index}/{len(plan)}: {step.name} ({step.kind}) · est. {_duration(item.estimate.seconds * pace)}"
             f" · recipe ETA {_duration(remaining * pace)}"
@@ -131,6 +134,11 @@ def run_recipe(
         if item.step.kind == "compare":
             console.print(f"report: {root / item.step.name / 'report.html'}")
     return root
+
+
+def eta_pace(done_real: float, done_est: float) -> float:
+    """Measured over estimated time of the steps run so far, pulled towards 1 while little has run."""
+    return (done_real + PACE_PRIOR_S) / (done_est + PACE_PRIOR_S)
 
 
 def make_plan(
