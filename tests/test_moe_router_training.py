@@ -15,6 +15,7 @@ import yaml
 from merge_helpers import family, leftovers, weights
 
 from lmforge.errors import UserError
+from lmforge.merge import moe_training
 from lmforge.merge.moe import moe
 from lmforge.merge.moe_training import ROUTER_SUFFIX, balance_loss
 
@@ -65,6 +66,7 @@ def test_training_moves_only_the_routers_and_raises_routing_accuracy(models, tmp
     record = json.loads((trained / "run.json").read_text())
     training = record["router"]["training"]
     assert training["steps"] == 20 and training["data"] == "tasks" and training["texts"] == 32
+    assert training["terms_scored_on"] == 32  # fewer texts than SCORED_ROWS: all of them
     assert training["trained"] == changed
     before = training["routing_accuracy_before"]
     after = record["metrics"]["moe"]["routing_accuracy"]
@@ -140,3 +142,10 @@ def test_recipe_check_refuses_bad_router_training(models):
 
     with pytest.raises(UserError, match="train_router.steps must be >= 1, got -3"):
         KINDS["moe"].check(moe_config(models, train_router={"steps": -3}), "step moe")
+
+
+def test_the_scored_sample_spans_every_expert():
+    rows = [{"input_ids": [i], "expert": i // 200} for i in range(400)]  # as training_texts: grouped by expert
+    sample = moe_training.scored_sample(rows)
+    assert len(sample) == moe_training.SCORED_ROWS
+    assert sum(r["expert"] == 0 for r in sample) == sum(r["expert"] == 1 for r in sample) == 32

@@ -40,6 +40,9 @@ from lmforge.train.chunked import chunked_cross_entropy, on_model_device
 if TYPE_CHECKING:
     from lmforge.merge.moe import MoEConfig
 
+# Rows scored before and after training for run.json: an evenly spaced sample, since scoring all 400 default
+# texts twice (forward passes of the whole MoE) cost about as much as the training itself.
+SCORED_ROWS = 64
 ROUTER_SUFFIX = ".mlp.gate.weight"  # Mixtral's and Qwen2-MoE's router (not Qwen's shared_expert_gate)
 
 
@@ -184,6 +187,12 @@ def router_loss(model, batch: dict, settings: RouterTraining, top_k: int) -> tup
     return total, {name: float(value.detach()) for name, value in terms.items()}
 
 
+def scored_sample(rows: list[dict]) -> list[dict]:
+    """At most SCORED_ROWS rows, evenly spaced: the texts come grouped by expert, so a prefix would be one expert's."""
+    count = min(SCORED_ROWS, len(rows))
+    return [rows[i * len(rows) // count] for i in range(count)]
+
+
 @torch.no_grad()
 def mean_terms(model, rows: list[dict], settings: RouterTraining, top_k: int, pad_id: int) -> dict[str, float]:
     """Each loss term per real token over `rows` (before and after training, for run.json)."""
@@ -228,7 +237,8 @@ def train_routers(folder: Path, cfg: MoEConfig, work_dir: Path, seed: int = 0, d
         param.requires_grad_(True)
     rows = make_rows(training_texts(cfg, settings, tokenizer), tokenizer, settings.max_length)
     top_k = int(model.config.num_experts_per_tok)
-    before = mean_terms(model, rows, settings, top_k, pad_id)
+    scored = scored_sample(rows)
+    before = mean_terms(model, scored, settings, top_k, pad_id)
     loop = TrainConfig(
         lr=settings.lr,
         max_steps=settings.steps,
@@ -247,13 +257,14 @@ def train_routers(folder: Path, cfg: MoEConfig, work_dir: Path, seed: int = 0, d
         work_dir,
         on_log=print_progress(settings.steps),
     )
-    after = mean_terms(model, rows, settings, top_k, pad_id)
+    after = mean_terms(model, scored, settings, top_k, pad_id)
     write_routers(folder, {name: p.detach().cpu() for name, p in routers.items()})
     losses = [round(h["loss"], 5) for h in history if "loss" in h]
     return {
         "settings": config_io.to_dict(settings),
         "data": source_of(cfg, settings),
         "texts": len(rows),
+        "terms_scored_on": len(scored),
         "steps": len(losses),
         "loss_first": losses[0],
         "loss_last": losses[-1],
