@@ -10,6 +10,7 @@ import torch
 from cli_helpers import run_cli
 
 from lmforge import config as config_io
+from lmforge.cache import cache_dir
 from lmforge.data.probe import general_text
 from lmforge.distill import general
 from lmforge.distill import run as distill_run
@@ -164,6 +165,24 @@ def test_teacher_samples_are_written_once_and_reused(teacher, tmp_path, monkeypa
     assert general.teacher_samples(loaded.model, loaded.tokenizer, settings, path, "key-1", seed=0) == first
     with pytest.raises(AssertionError, match="written again"):  # other inputs (key): new samples
         general.teacher_samples(loaded.model, loaded.tokenizer, settings, path, "key-2", seed=0)
+
+
+def test_runs_from_one_teacher_share_its_samples(teacher, tmp_path, monkeypatch):
+    """A size curve distils several students from one teacher: the teacher writes its general samples once."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))  # empty: the first run writes the samples
+    first = run_distill(make_cfg(teacher, tmp_path / "a"))
+    written = sorted((cache_dir() / "general_samples").glob("*.jsonl"))
+    assert len(written) == 1 and len(written[0].read_text().splitlines()) == 1 + 6  # key line + the samples
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the teacher wrote its samples again")
+
+    monkeypatch.setattr(general.signals, "generate", no_generation)
+    second = run_distill(make_cfg(teacher, tmp_path / "b", "student_layers=3"))  # another student, same samples
+    for out in (first, second):
+        assert json.loads((out / "run.json").read_text())["data"]["general_rows"] > 0
+    with pytest.raises(AssertionError, match="again"):  # other sampling settings: the teacher writes anew
+        run_distill(make_cfg(teacher, tmp_path / "c", "general.samples=5"))
 
 
 def naive_sum(student, teacher, batch: dict, divergence: str) -> tuple[float, int]:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from lmforge import config as config_io
+from lmforge.cache import cache_dir
 from lmforge.data.chat import IGNORE_INDEX, chat_prompt
 from lmforge.data.prepare import DataSettings, tokenize, training_records
 from lmforge.data.sources import split_records
@@ -216,7 +217,7 @@ def _prepare_rows(cfg, teacher, tokenizer, records, work: Path, key: list) -> li
     return tokenize(records, tokenizer, cfg.data)
 
 
-def _general_rows(cfg, teacher_loaded: LoadedModel, texts: list[str] | None, work: Path) -> list[dict]:
+def _general_rows(cfg, teacher_loaded: LoadedModel, texts: list[str] | None) -> list[dict]:
     """General-text rows from the user's file (`texts`, read already) or the teacher's samples; none when
     neither the mix nor the teacher correction asks for them."""
     settings = cfg.general
@@ -230,11 +231,13 @@ def _general_rows(cfg, teacher_loaded: LoadedModel, texts: list[str] | None, wor
             settings.max_new_tokens,
             cfg.train.seed,
         )
+        # shared by every run from this teacher with these settings (a size curve's students, reruns): the key
+        # names the teacher's weights, the openings, the count, the length and the seed
         samples = general.teacher_samples(
             teacher_loaded.model,
             teacher_loaded.tokenizer,
             settings,
-            work / "general_samples.jsonl",
+            cache_dir() / "general_samples" / f"{key}.jsonl",
             key,
             cfg.train.seed,
         )
@@ -350,7 +353,7 @@ def _distill(cfg: DistillConfig, meter: RunMeter, output: Path, work: Path, gene
     tasks = report_tasks(cfg.eval, cfg.data.task)
     teacher_scores = score(teacher_loaded, tasks, cfg.eval)  # the teacher as given, before any correction
     teacher_footprint = _teacher_footprint(teacher_loaded)  # now: later the teacher may be gone (cached signal)
-    general_rows = _general_rows(cfg, teacher_loaded, general_file, work)
+    general_rows = _general_rows(cfg, teacher_loaded, general_file)
     if cfg.general.correct_teacher:
         teacher = general.correct_teacher(
             teacher, general_rows, cfg.general, tokenizer.pad_token_id, work, cfg.train.seed, cfg.resume

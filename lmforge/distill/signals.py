@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,7 +229,7 @@ def read_jsonl_cache(path: Path, key: str) -> list[dict] | None:
 def write_jsonl_cache(path: Path, key: str, rows: list[dict]) -> None:
     """Write `rows` under a first line holding `key` (through a temporary file, so a crash leaves none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two runs may fill a shared cache at once
     with open(temporary, "w", encoding="utf-8") as handle:
         handle.write(json.dumps({"key": key}) + "\n")
         handle.writelines(json.dumps(row) + "\n" for row in rows)
