@@ -14,7 +14,8 @@ loss stays a sum over tokens and N processes equal one).
 
 General text comes from a user file (.jsonl with a `text` key, or .txt split at blank lines), or by default
 from the teacher itself: samples at temperature 1 continuing a built-in list of varied openings, written
-once into the run's work folder (a resumed run reads them back). Never from the perplexity probe: any text
+once per teacher and settings into $LMFORGE_CACHE/general_samples (a resumed run, and every other student of
+the same teacher, reads them back). Never from the perplexity probe: any text
 sharing an 8-word sequence with a probe passage is dropped. `correct_teacher` first fine-tunes the teacher
 lightly on the general text (LoRA, merged), as Minitron's follow-up does when the teacher's original data is
 not available (Sreenivas et al. 2024, arXiv:2408.11796); on the teacher's own samples that changes little,
