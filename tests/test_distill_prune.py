@@ -153,18 +153,21 @@ def test_fraction_rule_narrows_the_mlp_first_then_the_hidden_size(loaded):
     mild = prune.target_shape(config, 2, prune.WidthSettings(params_fraction=0.9), total)
     assert mild.hidden_size == 32 and 32 <= mild.intermediate_size < 64
     strong = prune.target_shape(config, 2, prune.WidthSettings(params_fraction=0.5), total)
-    assert strong.intermediate_size == 32 and strong.hidden_size < 32
+    assert strong.hidden_size < 32 and 32 <= strong.intermediate_size <= 64
     for shape, fraction in ((mild, 0.9), (strong, 0.5)):
         trial = copy.copy(config)
         trial.hidden_size, trial.intermediate_size = shape.hidden_size, shape.intermediate_size
         trial.head_dim = config.hidden_size // config.num_attention_heads
         assert prune.param_count(trial) <= fraction * total
-        # one step wider, in the dimension the rule moved last, no longer fits: the widest that fits was chosen
-        if shape.hidden_size == config.hidden_size:  # only the MLP narrowed
-            trial.intermediate_size += 8
-        else:  # the MLP at its floor, then the hidden size narrowed
-            trial.hidden_size += 8
-        assert prune.param_count(trial) > fraction * total
+        # one step wider no longer fits: the MLP was widened as far as the target allows...
+        if shape.intermediate_size < 64:
+            widened = copy.copy(trial)
+            widened.intermediate_size += 8
+            assert prune.param_count(widened) > fraction * total
+        if shape.hidden_size < config.hidden_size:  # ...and a wider hidden size fails even with the MLP at half
+            wider = copy.copy(trial)
+            wider.hidden_size, wider.intermediate_size = shape.hidden_size + 8, 32
+            assert prune.param_count(wider) > fraction * total
     with pytest.raises(UserError, match="already hold"):
         prune.target_shape(config, 1, prune.WidthSettings(params_fraction=0.95), total)
 
@@ -175,7 +178,9 @@ def test_a_shape_that_breaks_head_grouping_is_one_clear_line():
         with pytest.raises(UserError, match=r"breaks head grouping.*multiple of 2 \(2, 4, 6, 8\)") as err:
             prune.target_shape(config, 2, prune.WidthSettings(num_attention_heads=bad), 1000)
         assert "\n" not in str(err.value)
-    assert prune.target_shape(config, 2, prune.WidthSettings(num_attention_heads=6), 1000).num_attention_heads == 6
+    assert prune.target_shape(config, 2, prune.WidthSettings(num_attention_heads=4), 1000).num_attention_heads == 4
+    six = prune.WidthSettings(num_attention_heads=6, hidden_size=24)  # 6 heads need a hidden size that 6 divides
+    assert prune.target_shape(config, 2, six, 1000).num_attention_heads == 6
     with pytest.raises(UserError, match="more than the teacher's"):
         prune.target_shape(config, 2, prune.WidthSettings(hidden_size=4096), 1000)
 
@@ -200,6 +205,45 @@ def test_width_goes_with_a_built_student_only():
         config_io.load(None, DistillConfig, ["output=x", "student=some/model", "width.hidden_size=16"])
     with pytest.raises(UserError, match="shape or a fraction"):
         config_io.load(None, DistillConfig, ["output=x", "width.hidden_size=16", "width.params_fraction=0.5"])
+
+
+def test_a_hidden_size_that_is_no_multiple_of_the_heads_is_one_clear_line():
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=8, num_key_value_heads=2)
+    with pytest.raises(UserError, match=r"width\.hidden_size=20 is not a multiple of the student's 8 attention") as err:
+        prune.target_shape(config, 2, prune.WidthSettings(hidden_size=20), 1000)
+    assert "\n" not in str(err.value) and "16, 24, 32" in str(err.value)
+    assert prune.target_shape(config, 2, prune.WidthSettings(hidden_size=20, num_attention_heads=4), 1000)
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.4, 0.2])
+def test_the_fraction_rule_keeps_the_hidden_size_a_multiple_of_nine_heads(fraction):
+    """SmolLM2-135M's shape (hidden 576, 9 query heads, 3 key-value heads): a hidden size that is no multiple of 9
+    builds, trains, and then fails when transformers validates the config on save (the first real size curve)."""
+    config = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        num_hidden_layers=30,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
+    total = prune.param_count(config)
+    shape = prune.target_shape(config, 30, prune.WidthSettings(params_fraction=fraction), total)
+    assert shape.hidden_size < 576 and shape.hidden_size % 72 == 0  # heads 9 and steps of 8
+    trial = copy.copy(config)
+    trial.hidden_size, trial.intermediate_size = shape.hidden_size, shape.intermediate_size
+    assert fraction - 0.02 < prune.param_count(trial) / total <= fraction
+    trial.validate_architecture()  # what save_pretrained checks
+
+
+def test_a_nine_head_teacher_pruned_to_a_fraction_saves_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(distill_run, "measure_footprint", functools.partial(distill_run.measure_footprint, repeats=1))
+    nine = make_tiny_llama(tmp_path / "nine", hidden=144, heads=9, kv_heads=3, intermediate=256, layers=2, seed=0)
+    out = run_distill(distill_cfg(nine, tmp_path / "student", "width.params_fraction=0.5"))
+    config = AutoModelForCausalLM.from_pretrained(out).config
+    assert config.hidden_size < 144 and config.hidden_size % 9 == 0 and config.num_attention_heads == 9
 
 
 @pytest.fixture(scope="module")

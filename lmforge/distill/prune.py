@@ -102,8 +102,10 @@ def target_shape(config, layers: int, width: WidthSettings, teacher_params: int)
     """The student's width: the given shape checked against `config`, or one that meets params_fraction.
 
     Fraction rule (largest widths whose count is <= fraction x teacher_params, with `layers` blocks): narrow
-    the MLP alone, down to half its width; if that is not enough, keep the MLP at half and narrow the hidden
-    size. Widths move in steps of 8 when the teacher's are multiples of 8. Heads are kept.
+    the MLP alone, down to half its width; if that is not enough, narrow the hidden size until the MLP at half
+    fits, then widen the MLP again as far as the target allows. Widths move in steps of 8 when the teacher's
+    are multiples of 8, and the hidden size stays a multiple of the head count (transformers' llama config
+    refuses other sizes when the model is saved). Heads are kept.
     """
     h, inter, heads, kv = (
         config.hidden_size,
@@ -125,6 +127,13 @@ def target_shape(config, layers: int, width: WidthSettings, teacher_params: int)
                 f"width.num_attention_heads={shape.num_attention_heads} breaks head grouping: the teacher has {kv} "
                 f"key-value heads, so keep a multiple of {kv} ({', '.join(map(str, range(kv, heads + 1, kv)))})"
             )
+        if shape.hidden_size % shape.num_attention_heads:
+            fits = [n for n in range(shape.num_attention_heads, h + 1, shape.num_attention_heads)][-3:]
+            raise UserError(
+                f"width.hidden_size={shape.hidden_size} is not a multiple of the student's "
+                f"{shape.num_attention_heads} attention heads, which a llama config requires: choose a multiple "
+                f"(such as {', '.join(map(str, fits))})"
+            )
         return shape
     target = width.params_fraction * teacher_params
 
@@ -144,9 +153,11 @@ def target_shape(config, layers: int, width: WidthSettings, teacher_params: int)
     for intermediate in range(inter - step, half - 1, -step):
         if count(h, intermediate) <= target:
             return Shape(h, intermediate, heads)
-    for hidden in range(h - step, 0, -step):
+    hidden_step = math.lcm(step, heads)
+    for hidden in range(h - hidden_step, 0, -hidden_step):
         if count(hidden, half) <= target:
-            return Shape(hidden, half, heads)
+            intermediate = next(i for i in range(inter, half - 1, -step) if count(hidden, i) <= target)
+            return Shape(hidden, intermediate, heads)
     raise UserError(
         f"width.params_fraction={width.params_fraction} is below what {layers} layers can reach by width: "
         "raise it or set fewer student_layers"
