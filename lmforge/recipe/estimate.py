@@ -247,7 +247,7 @@ def _general_text(general: Mapping[str, Any], rows: int, teacher, student) -> tu
     seconds = rows * ratio * tokens * params / TRAIN_FLOPS
     samples = 0 if general.get("file") else int(general.get("samples", 64))
     seconds += samples * new_tokens * SAMPLE_S_PER_TOKEN * _scale(teacher)
-    return seconds, f"; {ratio:g} general row of ~{tokens} tokens per task row" + (
+    return seconds, f"; {ratio:g} general row{'' if ratio == 1 else 's'} of ~{tokens} tokens per task row" + (
         f", {samples} teacher samples" if samples else ""
     )
 
