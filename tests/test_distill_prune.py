@@ -329,3 +329,12 @@ def test_student_intermediate_and_width_are_one_mlp_width(width):
     data = {"output": "unused", "student_layers": 2, "student_intermediate": 32, "width": width}
     with pytest.raises(UserError, match="^config: width cannot go with student_intermediate"):
         config_io.from_dict(data, DistillConfig)
+
+
+def test_a_student_worse_than_random_gets_advice_for_its_own_cut(teacher, tmp_path):
+    """The warning once told a width-pruned student (all layers kept) to change its layer rule."""
+    width = distill_cfg(teacher, tmp_path / "a", "width.params_fraction=0.6")
+    assert "width.params_fraction" in distill_run._closer_start(width)
+    assert "layer_rule" not in distill_run._closer_start(width)
+    depth = distill_cfg(teacher, tmp_path / "b", "student_layers=2", "layer_rule=stride")
+    assert "layer_rule: measured" in distill_run._closer_start(depth)

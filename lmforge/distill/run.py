@@ -247,6 +247,17 @@ def _general_rows(cfg, teacher_loaded: LoadedModel, texts: list[str] | None) -> 
     return rows
 
 
+def _closer_start(cfg) -> str:
+    """What to change when the built student starts worse than a random init of its shape."""
+    if cfg.student is not None:
+        return "its given weights are no better a start than a random init of its shape"
+    if cfg.width.enabled:
+        return "the width cut is too deep: raise width.params_fraction, or cut some depth and less width"
+    if cfg.layer_rule != "measured":
+        return "try layer_rule: measured"
+    return "keep more student_layers"
+
+
 def _build_student(
     cfg, teacher_loaded: LoadedModel, calibration: dict, general_batch: dict | None, work: Path
 ) -> tuple:
@@ -390,7 +401,7 @@ def _distill(cfg: DistillConfig, meter: RunMeter, output: Path, work: Path, gene
         init["teacher"]["ce"],
     )
     if init["student"]["kl"] >= random_quality["kl"]:
-        log.warning("the student starts further from the teacher than a random init: try layer_rule: measured")
+        log.warning("the student starts further from the teacher than a random init: %s", _closer_start(cfg))
 
     signal_dtype = _signal_dtype(cfg.teacher_dtype, device)
     signal_name = str(signal_dtype).removeprefix("torch.")
