@@ -309,6 +309,11 @@ def test_lmforge_distill_with_a_width_pruned_student_writes_a_loadable_folder(
     assert code == 2 and len(err.strip().splitlines()) == 1 and "breaks head grouping" in err
     assert not again.exists() and not (tmp_path / "again.work").exists()
 
+    odd = tmp_path / "odd"  # a hidden size the 4 heads do not divide: one line, nothing written
+    code, err = lmforge(monkeypatch, capsys, *base[:-4], "--out", str(odd), "width.hidden_size=30")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a multiple of the student's 4" in err
+    assert not odd.exists() and not (tmp_path / "odd.work").exists()
+
 
 def test_distill_to_a_parameter_fraction(teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(distill_run, "measure_footprint", functools.partial(distill_run.measure_footprint, repeats=1))
